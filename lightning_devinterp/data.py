@@ -1,0 +1,124 @@
+"""Minibatches for the chains, drawn with a private generator and never from the caller's DataLoader iterator."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
+from torch.utils.data._utils.collate import default_collate
+
+MAX_CACHED_BYTES = 1 << 30
+"""Data up to this size is collated once and kept on the sampling device; larger map-style data is read per step."""
+
+LARGE_DATA_INIT_LOSS_SAMPLES = 16384
+"""For data too large to cache, L(w*) is the mean over this many evenly spaced samples (a fixed subset)."""
+
+
+def _check_tensor_leaves(batch: Any) -> None:
+    leaves, _ = tree_flatten(batch)
+    bad = [type(leaf).__name__ for leaf in leaves if not isinstance(leaf, Tensor)]
+    if bad:
+        raise TypeError(
+            "batches must be tensors or tuples/lists/dicts of tensors so that chains can be stacked; "
+            f"found {', '.join(sorted(set(bad)))}. Convert them in the dataset or collate_fn."
+        )
+
+
+def _nbytes(batch: Any) -> int:
+    return sum(leaf.element_size() * leaf.numel() for leaf in tree_flatten(batch)[0])
+
+
+class MinibatchSource:
+    """Random minibatches for ``num_chains`` chains at once, each leaf shaped ``[num_chains, batch_size, ...]``.
+
+    Accepts a :class:`~torch.utils.data.DataLoader` (its dataset and ``collate_fn`` are used; its sampler and
+    iterator are not touched for map-style data) or a map-style :class:`~torch.utils.data.Dataset`. Samples are
+    drawn uniformly with replacement using the caller's generator.
+
+    Map-style data that fits in :data:`MAX_CACHED_BYTES` is collated once and indexed on the device. Larger
+    map-style data is read item by item each step, and its L(w*) uses a fixed evenly spaced subset of
+    :data:`LARGE_DATA_INIT_LOSS_SAMPLES` samples. An iterable-style DataLoader is read once, up to
+    :data:`MAX_CACHED_BYTES`, and n is the number of samples read.
+    """
+
+    def __init__(self, data: DataLoader | Dataset, batch_size: int | None, device: torch.device) -> None:
+        self.device = device
+        if isinstance(data, DataLoader):
+            dataset, collate_fn = data.dataset, data.collate_fn
+            batch_size = batch_size or data.batch_size
+        elif isinstance(data, Dataset):
+            if batch_size is None:
+                raise ValueError("batch_size is required when data is a Dataset rather than a DataLoader.")
+            dataset, collate_fn = data, default_collate
+        else:
+            raise TypeError(f"data must be a torch DataLoader or a map-style Dataset, got {type(data).__name__}.")
+        if batch_size is None:
+            raise ValueError("the DataLoader has no batch_size (it uses a batch_sampler); pass batch_size=...")
+        self.batch_size = int(batch_size)
+        self._collate: Callable[[list], Any] = collate_fn
+        self._dataset = dataset
+        self._cache: Any = None
+        if isinstance(dataset, IterableDataset):
+            self._cache = self._read_iterable(data)
+        else:
+            self.num_samples = len(dataset)  # type: ignore[arg-type]
+            if self.num_samples == 0:
+                raise ValueError("the dataset is empty.")
+            if isinstance(dataset, TensorDataset) and collate_fn is default_collate:
+                self._cache = tuple(dataset.tensors)
+            else:
+                first = collate_fn([dataset[0]])
+                _check_tensor_leaves(first)
+                if _nbytes(first) * self.num_samples <= MAX_CACHED_BYTES:
+                    self._cache = collate_fn([dataset[i] for i in range(self.num_samples)])
+        if self._cache is not None:
+            _check_tensor_leaves(self._cache)
+            self._cache = tree_map(lambda t: t.to(device), self._cache)
+
+    def _read_iterable(self, loader: Any) -> Any:
+        if not isinstance(loader, DataLoader):
+            raise TypeError("an IterableDataset must be passed inside a DataLoader.")
+        batches, total_bytes = [], 0
+        for batch in loader:
+            _check_tensor_leaves(batch)
+            batches.append(batch)
+            total_bytes += _nbytes(batch)
+            if total_bytes >= MAX_CACHED_BYTES:
+                break
+        if not batches:
+            raise ValueError("the dataset is empty.")
+        flat = [tree_flatten(b) for b in batches]
+        spec = flat[0][1]
+        columns = zip(*(leaves for leaves, _ in flat))
+        merged = [torch.cat(column) for column in columns]
+        self.num_samples = merged[0].shape[0]
+        return tree_unflatten(merged, spec)
+
+    def _gather(self, indices: Tensor) -> Any:
+        """The samples at ``indices`` (any shape), each leaf shaped ``[*indices.shape, ...]``."""
+        if self._cache is not None:
+            device_indices = indices.to(self.device)
+            return tree_map(lambda t: t[device_indices], self._cache)
+        rows = indices.reshape(-1, indices.shape[-1])
+        batches = [self._collate([self._dataset[int(i)] for i in row]) for row in rows]
+        stacked = tree_map(lambda *leaves: torch.stack(leaves), *batches)
+        return tree_map(lambda t: t.reshape(*indices.shape, *t.shape[2:]).to(self.device), stacked)
+
+    def sample(self, generator: torch.Generator, num_chains: int) -> Any:
+        """One minibatch per chain, leaves shaped ``[num_chains, batch_size, ...]``."""
+        indices = torch.randint(self.num_samples, (num_chains, self.batch_size), generator=generator)
+        return self._gather(indices)
+
+    def init_loss_batches(self, chunk_size: int) -> Iterator[tuple[Any, int]]:
+        """Consecutive chunks of the data used for L(w*), with their sizes."""
+        if self._cache is not None:
+            indices = torch.arange(self.num_samples)
+        else:
+            count = min(self.num_samples, LARGE_DATA_INIT_LOSS_SAMPLES)
+            indices = torch.linspace(0, self.num_samples - 1, count).round().long()
+        for chunk in indices.split(chunk_size):
+            yield self._gather(chunk), len(chunk)

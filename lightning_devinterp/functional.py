@@ -1,0 +1,110 @@
+"""Evaluate a user's loss at arbitrary parameters without touching the user's model.
+
+The model is called through :func:`torch.func.functional_call` with detached copies of its parameters and
+buffers, so its own tensors, ``.grad`` and ``requires_grad`` flags are never written. The only temporary
+changes are the train/eval flags and, for a LightningModule, silenced ``self.log`` calls; both are undone on exit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+
+
+def training_step_loss(module: pl.LightningModule, batch: Any) -> Tensor:
+    """The loss of ``module.training_step(batch, 0)``: the returned tensor, or the ``"loss"`` entry of a dict."""
+    output = module.training_step(batch, 0)
+    if isinstance(output, dict):
+        output = output.get("loss")
+    if not isinstance(output, Tensor):
+        raise TypeError(
+            f"{type(module).__name__}.training_step returned {type(output).__name__}; the default loss needs a Tensor or a "
+            "dict with a 'loss' Tensor. Pass loss_fn=lambda model, batch: ... instead."
+        )
+    return output
+
+
+def resolve_loss_fn(model: nn.Module, loss_fn: LossFn | None) -> LossFn:
+    """``loss_fn`` itself, or the training_step loss for a LightningModule."""
+    if loss_fn is not None:
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}.")
+        return loss_fn
+    if isinstance(model, pl.LightningModule):
+        return training_step_loss
+    raise TypeError(
+        f"{type(model).__name__} is a plain nn.Module: pass loss_fn(model, batch) -> scalar mean loss "
+        "(the default, training_step's loss, exists only for a LightningModule)."
+    )
+
+
+def _ignore_log(*args: Any, **kwargs: Any) -> None:
+    """Stands in for ``LightningModule.log``/``log_dict`` while chains run."""
+
+
+@contextmanager
+def quiet_evaluation(model: nn.Module) -> Iterator[None]:
+    """Eval mode for every submodule and, for a LightningModule, no-op ``log``/``log_dict``; all restored on exit.
+
+    Eval mode makes the loss deterministic (no dropout) and keeps BatchNorm on its running statistics, as L(w*)
+    requires; silencing ``log`` keeps a training_step used as loss from writing into a live Trainer's metrics.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    silenced = isinstance(model, pl.LightningModule)
+    saved = {name: model.__dict__[name] for name in ("log", "log_dict") if name in model.__dict__}
+    model.eval()
+    if silenced:
+        model.log = _ignore_log  # type: ignore[method-assign]
+        model.log_dict = _ignore_log  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+        if silenced:
+            for name in ("log", "log_dict"):
+                if name in saved:
+                    model.__dict__[name] = saved[name]
+                else:
+                    del model.__dict__[name]
+
+
+class _LossModule(nn.Module):
+    """Holds the user's model as ``self.model`` so that ``functional_call`` can swap in any parameters for ``loss_fn``."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> Tensor:
+        return self.loss_fn(self.model, batch)
+
+
+class FunctionalLoss:
+    """``loss(sampled, batch)``: the mean minibatch loss with the sampled parameters swapped in.
+
+    Parameters that are not sampled and all buffers are detached copies taken at construction (w*), passed as
+    constants, so in-place buffer updates inside the forward never reach the model.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, sampled_names: list[str], device: torch.device) -> None:
+        self._module = _LossModule(model, loss_fn)
+        sampled = set(sampled_names)
+        tensors = dict(model.named_parameters())
+        self.anchor = {name: tensors[name].detach().to(device, copy=True) for name in sampled_names}
+        self._constants = {f"model.{name}": t.detach().to(device, copy=True) for name, t in tensors.items() if name not in sampled}
+        self._constants.update({f"model.{name}": b.detach().to(device, copy=True) for name, b in model.named_buffers()})
+
+    def __call__(self, sampled: dict[str, Tensor], batch: Any) -> Tensor:
+        tensors = {f"model.{name}": w for name, w in sampled.items()}
+        tensors.update(self._constants)
+        return functional_call(self._module, tensors, (batch,))

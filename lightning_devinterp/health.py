@@ -1,0 +1,80 @@
+"""Findings about a finished set of chains that tell a user when not to trust an estimate."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+MAX_SHARE_BELOW_INIT = 0.7
+"""At a local minimum minibatch noise puts at most about half of the draws below L(w*); far more means descent."""
+
+DRIFT_T_STAT = 4.0
+"""A first-to-last-quarter change of the draws must be this many standard errors (across chains) to count as drift..."""
+
+DRIFT_RELATIVE = 0.25
+"""...and at least this share of the mean loss increase over L(w*), so that tiny but consistent drifts pass."""
+
+
+def first_failures(step_losses: Tensor) -> dict[int, int]:
+    """For each chain whose loss became NaN/Inf, the first SGLD step (0-based) where it did."""
+    finite = torch.isfinite(step_losses)
+    return {chain: int((~finite[chain]).nonzero()[0]) for chain in range(step_losses.shape[0]) if not bool(finite[chain].all())}
+
+
+def _describe_step(step: int, num_burnin_steps: int, num_steps_bw_draws: int) -> str:
+    if step < num_burnin_steps:
+        return f"burn-in step {step}"
+    return f"draw {(step - num_burnin_steps) // num_steps_bw_draws}"
+
+
+def diagnose(
+    draws: Tensor,
+    init_loss: float,
+    llc_mean: float,
+    failures: dict[int, int],
+    *,
+    epsilon: float,
+    num_burnin_steps: int,
+    num_steps_bw_draws: int,
+) -> list[str]:
+    """Human-readable findings; an empty list means the estimate looks healthy.
+
+    ``draws`` is ``[num_chains, num_draws]``; failed chains (keys of ``failures``) are ignored in the checks. The
+    levelling-off check compares the first and last quarter of each chain's draws and judges the change against
+    its spread across chains, so it needs at least two surviving chains.
+    """
+    findings = []
+    for chain, step in failures.items():
+        findings.append(
+            f"chain {chain} diverged at {_describe_step(step, num_burnin_steps, num_steps_bw_draws)} (loss became NaN/Inf) "
+            f"and was excluded; try a smaller epsilon than {epsilon:g}."
+        )
+    alive = [chain for chain in range(draws.shape[0]) if chain not in failures]
+    if not alive:
+        return findings
+    good = draws[alive].double()
+    share_below = float((good < init_loss).double().mean())
+    if share_below > MAX_SHARE_BELOW_INIT:
+        findings.append(
+            f"{share_below:.0%} of the draws lie below L(w*) = {init_loss:.4g}: w* is not a local minimum of the loss "
+            "(the sampler keeps descending); train longer, increase gamma, or decrease epsilon."
+        )
+    if llc_mean < 0:
+        findings.append(
+            f"the estimate is negative (llc = {llc_mean:.4g}): the chains found lower loss than at w*, so w* is not a "
+            "local minimum or epsilon is too large."
+        )
+    quarter = good.shape[1] // 4
+    if quarter >= 1 and len(alive) > 1:
+        change = good[:, -quarter:].mean(dim=1) - good[:, :quarter].mean(dim=1)
+        mean_change = float(change.mean())
+        elevation = abs(float(good.mean()) - init_loss)
+        standard_error = float(change.std()) / math.sqrt(len(alive))
+        if abs(mean_change) > max(DRIFT_T_STAT * standard_error, DRIFT_RELATIVE * elevation):
+            findings.append(
+                f"the loss trace has not levelled off after burn-in (the mean draw moved by {mean_change:+.3g} between the "
+                f"first and last quarter of the draws); use more burn-in steps or a larger epsilon."
+            )
+    return findings

@@ -1,0 +1,94 @@
+"""SGLD transition kernels: small pure functions over dicts of stacked parameters.
+
+A position is a ``dict[str, Tensor]`` whose tensors carry a leading chain dimension ``[num_chains, ...]``; the
+anchor ``w*`` has the same keys without that dimension and broadcasts against it. A kernel never mutates its
+inputs and keeps no hidden state: whatever it carries between steps (RMSProp's running average) is returned
+explicitly, in the manner of BlackJAX's SG-MCMC kernels.
+
+Convention (``GUIDE.md`` section 1, Lau et al. 2023, arXiv 2308.12108)::
+
+    w <- w - (epsilon/2) * (nbeta * grad L_B(w) + gamma * (w - w*)) + N(0, epsilon I)
+
+where ``L_B`` is the mean loss over the chain's minibatch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+Params = dict[str, Tensor]
+
+
+class Kernel(Protocol):
+    """What the chain runner needs from a sampler."""
+
+    def init(self, position: Params) -> Params:
+        """The sampler's carried state at the start of a chain."""
+
+    def step(self, position: Params, state: Params, grads: Params, anchor: Params, noise: Params) -> tuple[Params, Params]:
+        """One transition: the new position and carried state, given the minibatch gradients and standard-normal noise."""
+
+
+@dataclass(frozen=True)
+class SGLD:
+    """Plain localized SGLD with drift ``epsilon/2`` and noise variance ``epsilon``."""
+
+    epsilon: float
+    nbeta: float
+    gamma: float
+
+    def init(self, position: Params) -> Params:
+        return {}
+
+    def step(self, position: Params, state: Params, grads: Params, anchor: Params, noise: Params) -> tuple[Params, Params]:
+        noise_scale = math.sqrt(self.epsilon)
+        new_position = {
+            name: w - (0.5 * self.epsilon) * (self.nbeta * grads[name] + self.gamma * (w - anchor[name])) + noise_scale * noise[name]
+            for name, w in position.items()
+        }
+        return new_position, state
+
+
+@dataclass(frozen=True)
+class RMSPropSGLD:
+    """RMSProp-preconditioned localized SGLD (Hitchcock & Hoogland 2025, arXiv 2507.21449).
+
+    Keeps ``V <- alpha V + (1 - alpha) g*g`` of the raw minibatch gradient ``g = grad L_B(w)`` and uses
+    ``G = 1 / (sqrt(V) + delta)`` elementwise: the drift is multiplied by ``G`` and the noise standard deviation
+    by ``sqrt(G)``. ``alpha=0.99`` and ``delta=0.1`` follow devinterp's defaults.
+    """
+
+    epsilon: float
+    nbeta: float
+    gamma: float
+    alpha: float = 0.99
+    delta: float = 0.1
+
+    def init(self, position: Params) -> Params:
+        return {name: torch.zeros_like(w) for name, w in position.items()}
+
+    def step(self, position: Params, state: Params, grads: Params, anchor: Params, noise: Params) -> tuple[Params, Params]:
+        new_position, new_state = {}, {}
+        for name, w in position.items():
+            g = grads[name]
+            square_avg = self.alpha * state[name] + (1.0 - self.alpha) * g * g
+            precondition = 1.0 / (square_avg.sqrt() + self.delta)
+            drift = self.nbeta * g + self.gamma * (w - anchor[name])
+            new_position[name] = w - (0.5 * self.epsilon) * precondition * drift + (self.epsilon * precondition).sqrt() * noise[name]
+            new_state[name] = square_avg
+        return new_position, new_state
+
+
+SAMPLERS = {"sgld": SGLD, "rmsprop_sgld": RMSPropSGLD}
+
+
+def make_kernel(sampler: str, *, epsilon: float, nbeta: float, gamma: float) -> Kernel:
+    """The kernel registered under ``sampler`` (one of :data:`SAMPLERS`)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}.")
+    return SAMPLERS[sampler](epsilon=epsilon, nbeta=nbeta, gamma=gamma)

@@ -1,0 +1,336 @@
+"""The local learning coefficient estimator: SGLD chains around w*, vectorized over chains with ``torch.func``."""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import grad_and_value, vmap
+from torch.utils._pytree import tree_map
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_devinterp._rng import preserved_rng_states
+from lightning_devinterp.data import MinibatchSource
+from lightning_devinterp.functional import FunctionalLoss, LossFn, quiet_evaluation, resolve_loss_fn
+from lightning_devinterp.health import diagnose, first_failures
+from lightning_devinterp.kernels import SAMPLERS, Kernel, Params, make_kernel
+from lightning_devinterp.params import ParamSelector, select_parameter_names
+
+log = logging.getLogger(__name__)
+
+_ALL_DEAD_CHECK_EVERY = 32
+"""Steps between checks (a device sync) for whether every chain has diverged, to stop early."""
+
+_fallback_reasons_logged: set[str] = set()
+
+
+class LLCEstimationError(RuntimeError):
+    """Every chain diverged, so there is no estimate."""
+
+
+@dataclass(frozen=True)
+class LLCResult:
+    """One LLC estimate: ``llc = nbeta * (mean of the draws - L(w*))`` per chain, then mean and std over chains.
+
+    Chains that diverged are excluded from ``llc_mean``/``llc_std`` and hold NaN in ``llc_per_chain``;
+    ``loss_trace`` holds NaN from the draw where they failed. ``llc_std`` is NaN with fewer than two chains left.
+    """
+
+    llc_mean: float
+    llc_std: float
+    llc_per_chain: Tensor
+    loss_trace: Tensor
+    init_loss: float
+    nbeta: float
+    warnings: list[str] = field(default_factory=list)
+    failed_chains: tuple[int, ...] = ()
+    epsilon: float = 0.0
+    gamma: float = 0.0
+    sampler: str = "sgld"
+    num_samples: int = 0
+    seed: int = 0
+    vectorized: bool = True
+
+    @property
+    def healthy(self) -> bool:
+        """True when no diagnostic found a reason to distrust the estimate (see ``warnings``)."""
+        return not self.warnings
+
+
+def default_nbeta(num_samples: int) -> float:
+    """``n / log(n)``, i.e. ``n * beta`` at the theory default inverse temperature ``beta = 1 / log(n)``."""
+    if num_samples < 2:
+        raise ValueError(f"the default nbeta = n / log(n) needs at least 2 samples, got n = {num_samples}; pass nbeta.")
+    return num_samples / math.log(num_samples)
+
+
+def _check_count(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+
+
+def _check_positive(name: str, value: Any, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0, got {value!r}.")
+
+
+def validate_sampling_args(
+    *,
+    num_chains: int,
+    num_draws: int,
+    num_burnin_steps: int,
+    num_steps_bw_draws: int,
+    epsilon: float,
+    gamma: float,
+    nbeta: float | None,
+    batch_size: int | None,
+    sampler: str,
+) -> None:
+    """Raise ``ValueError`` for any sampling argument out of range (shared by the estimator and the callbacks)."""
+    _check_count("num_chains", num_chains, 1)
+    _check_count("num_draws", num_draws, 1)
+    _check_count("num_burnin_steps", num_burnin_steps, 0)
+    _check_count("num_steps_bw_draws", num_steps_bw_draws, 1)
+    _check_positive("epsilon", epsilon)
+    _check_positive("gamma", gamma, allow_zero=True)
+    if nbeta is not None:
+        _check_positive("nbeta", nbeta)
+    if batch_size is not None:
+        _check_count("batch_size", batch_size, 1)
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}.")
+
+
+def _mean_init_loss(loss: FunctionalLoss, source: MinibatchSource, chunk_size: int) -> float:
+    """L(w*): the sample-weighted mean of the minibatch mean losses over the data (no grad)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch, size in source.init_loss_batches(chunk_size):
+            value = loss(loss.anchor, batch)
+            if not isinstance(value, Tensor) or value.numel() != 1:
+                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(f"loss_fn must return a scalar mean loss, got {shape}; reduce it with .mean().")
+            total += float(value) * size
+            count += size
+    return total / count
+
+
+GradFn = Callable[[Params, Any], tuple[Params, Tensor]]
+
+
+def _sequential(grad_fn: GradFn, num_chains: int) -> GradFn:
+    """Evaluate chain after chain; the fallback for models that ``vmap`` cannot batch."""
+
+    def batched(position: Params, batch: Any) -> tuple[Params, Tensor]:
+        outputs = [
+            grad_fn({name: w[chain] for name, w in position.items()}, tree_map(lambda t: t[chain], batch))
+            for chain in range(num_chains)
+        ]
+        grads = {name: torch.stack([g[name] for g, _ in outputs]) for name in position}
+        return grads, torch.stack([value for _, value in outputs])
+
+    return batched
+
+
+def _run_chains(
+    loss: FunctionalLoss,
+    kernel: Kernel,
+    source: MinibatchSource,
+    *,
+    num_chains: int,
+    num_steps: int,
+    seed: int,
+    device: torch.device,
+    vectorize: bool | Literal["auto"],
+) -> tuple[Tensor, bool]:
+    """Run all chains from w*; return the minibatch loss at every step, ``[num_chains, num_steps]``, and whether vmap ran.
+
+    Each step draws, in this order, the minibatch indices ``[num_chains, batch_size]`` from a CPU generator and one
+    standard-normal tensor ``[num_chains, *shape]`` per sampled parameter from a generator on ``device``, both
+    seeded from ``seed``; so the vectorized and sequential paths see identical randomness.
+    """
+    index_generator = torch.Generator().manual_seed(seed)
+    noise_generator = torch.Generator(device=device).manual_seed(seed)
+    grad_fn: GradFn = grad_and_value(loss)
+    may_fall_back = vectorize == "auto"
+    vectorized = vectorize in (True, "auto")
+    step_fn = vmap(grad_fn) if vectorized else _sequential(grad_fn, num_chains)
+    anchor = loss.anchor
+    position = {name: w.unsqueeze(0).repeat(num_chains, *([1] * w.dim())) for name, w in anchor.items()}
+    state = kernel.init(position)
+    step_losses = torch.empty(num_chains, num_steps, device=device)
+    alive = torch.ones(num_chains, dtype=torch.bool, device=device)
+    with torch.no_grad():
+        for step in range(num_steps):
+            batch = source.sample(index_generator, num_chains)
+            noise = {
+                name: torch.randn(w.shape, generator=noise_generator, device=device, dtype=w.dtype) for name, w in position.items()
+            }
+            try:
+                grads, values = step_fn(position, batch)
+            except Exception as error:
+                if not (may_fall_back and vectorized and step == 0):
+                    raise
+                reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                if reason not in _fallback_reasons_logged:
+                    _fallback_reasons_logged.add(reason)
+                    log.warning("vmap cannot batch this model's loss, chains run one after another (slower): %s", reason)
+                step_fn, vectorized = _sequential(grad_fn, num_chains), False
+                grads, values = step_fn(position, batch)
+            if values.dim() != 1:
+                raise ValueError(f"loss_fn must return a scalar mean loss, got shape {tuple(values.shape[1:])}.")
+            step_losses[:, step] = values
+            alive &= torch.isfinite(values)
+            proposed, new_state = kernel.step(position, state, grads, anchor, noise)
+            position = {name: torch.where(alive.view(-1, *([1] * (w.dim() - 1))), proposed[name], w) for name, w in position.items()}
+            state = new_state
+            if (step + 1) % _ALL_DEAD_CHECK_EVERY == 0 and not bool(alive.any()):
+                step_losses[:, step + 1 :] = float("nan")
+                break
+    return step_losses, vectorized
+
+
+def estimate_llc(
+    model: nn.Module,
+    data: DataLoader | Dataset,
+    loss_fn: LossFn | None = None,
+    *,
+    num_chains: int = 4,
+    num_draws: int = 200,
+    num_burnin_steps: int = 100,
+    num_steps_bw_draws: int = 1,
+    epsilon: float = 1e-4,
+    gamma: float = 100.0,
+    nbeta: float | None = None,
+    batch_size: int | None = None,
+    params: ParamSelector = None,
+    sampler: str = "sgld",
+    seed: int | None = None,
+    device: str | torch.device | None = None,
+    vectorize: bool | Literal["auto"] = "auto",
+) -> LLCResult:
+    """Estimate the local learning coefficient of ``model`` at its current parameters w* (Lau et al. 2023).
+
+    ``llc = nbeta * (E[L_B(w)] - L(w*))``, where the expectation runs over SGLD chains that start at w* and
+    sample the localized tempered posterior ``exp(-nbeta L(w) - gamma/2 |w - w*|^2)``; the update convention is
+    that of :mod:`lightning_devinterp.kernels`. Draws are the minibatch losses after ``num_burnin_steps`` steps,
+    every ``num_steps_bw_draws`` steps. L(w*) is the mean loss over the whole dataset (see
+    :class:`~lightning_devinterp.data.MinibatchSource` for very large data). Both are computed in eval mode.
+
+    Args:
+        model: the model at w*; a LightningModule or any ``nn.Module``. It is never modified: parameters, buffers,
+            ``.grad``, ``requires_grad``, train/eval mode and hooks are as before, and so are the global RNG states.
+        data: a DataLoader (its dataset, batch size and collate_fn are used, its iterator is not) or a map-style
+            Dataset (then ``batch_size`` is required).
+        loss_fn: ``loss_fn(model, batch) -> scalar mean loss``. For a LightningModule the default is the loss its
+            ``training_step(batch, 0)`` returns, with ``self.log`` silenced. The loss must be a mean negative
+            log-likelihood: for Gaussian regression with unit noise use ``0.5 * ((y - f) ** 2).sum(-1).mean()``,
+            not ``mse_loss`` (which also averages over output dimensions and so rescales nbeta).
+        num_chains, num_draws, num_burnin_steps, num_steps_bw_draws: chain shape.
+        epsilon: SGLD step size. gamma: localization strength.
+        nbeta: ``n * beta``; default ``n / log(n)`` with n the number of samples in the dataset.
+        batch_size: SGLD minibatch size; defaults to the DataLoader's.
+        params: sample only these parameters (names, module prefixes or glob patterns), freezing the rest at w*
+            (the weight-restricted LLC). Default: every parameter with ``requires_grad=True``.
+        sampler: ``"sgld"`` or ``"rmsprop_sgld"`` (RMSProp-preconditioned).
+        seed: seeds the estimator's private generators; the same seed gives the same result bit for bit on CPU.
+            ``None`` draws a fresh seed (recorded in ``result.seed``).
+        device: where chains run; defaults to the device of the model's first parameter.
+        vectorize: ``True`` advances all chains in one ``vmap``-ed step; ``False`` loops over chains; ``"auto"``
+            tries vmap and falls back to the loop (logging why, once) when the model cannot be batched.
+
+    Raises:
+        LLCEstimationError: every chain diverged.
+        ValueError, TypeError: bad arguments, empty data, a non-scalar loss, a ``params`` entry that matches nothing,
+            a model without trainable parameters.
+    """
+    validate_sampling_args(
+        num_chains=num_chains,
+        num_draws=num_draws,
+        num_burnin_steps=num_burnin_steps,
+        num_steps_bw_draws=num_steps_bw_draws,
+        epsilon=epsilon,
+        gamma=gamma,
+        nbeta=nbeta,
+        batch_size=batch_size,
+        sampler=sampler,
+    )
+    if vectorize not in (True, False, "auto"):
+        raise ValueError(f"vectorize must be True, False or 'auto', got {vectorize!r}.")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    loss_fn = resolve_loss_fn(model, loss_fn)
+    sampled_names = select_parameter_names(model, params)
+    if device is None:
+        first = next(model.parameters())
+        device = first.device
+    device = torch.device(device)
+    seed = secrets.randbits(63) if seed is None else int(seed)
+    started = time.perf_counter()
+    with preserved_rng_states(), quiet_evaluation(model):
+        source = MinibatchSource(data, batch_size, device)
+        nbeta = default_nbeta(source.num_samples) if nbeta is None else float(nbeta)
+        loss = FunctionalLoss(model, loss_fn, sampled_names, device)
+        init_loss = _mean_init_loss(loss, source, chunk_size=source.batch_size * num_chains)
+        kernel = make_kernel(sampler, epsilon=epsilon, nbeta=nbeta, gamma=gamma)
+        step_losses, vectorized = _run_chains(
+            loss,
+            kernel,
+            source,
+            num_chains=num_chains,
+            num_steps=num_burnin_steps + num_draws * num_steps_bw_draws,
+            seed=seed,
+            device=device,
+            vectorize=vectorize,
+        )
+    step_losses = step_losses.detach().double().cpu()
+    failures = first_failures(step_losses)
+    for chain, step in failures.items():
+        step_losses[chain, step:] = float("nan")
+    draws = step_losses[:, num_burnin_steps::num_steps_bw_draws]
+    llc_per_chain = nbeta * (draws.mean(dim=1) - init_loss)
+    alive = [chain for chain in range(num_chains) if chain not in failures]
+    if not alive:
+        raise LLCEstimationError(
+            f"all {num_chains} chains diverged (loss became NaN/Inf; first at step {min(failures.values())}); "
+            f"try a smaller epsilon than {epsilon:g} or a larger gamma than {gamma:g}."
+        )
+    llc_mean = float(llc_per_chain[alive].mean())
+    llc_std = float(llc_per_chain[alive].std()) if len(alive) > 1 else float("nan")
+    findings = diagnose(
+        draws,
+        init_loss,
+        llc_mean,
+        failures,
+        epsilon=epsilon,
+        num_burnin_steps=num_burnin_steps,
+        num_steps_bw_draws=num_steps_bw_draws,
+    )
+    log.debug(
+        "llc = %.4g +- %.3g (%d chains, %s, %.2fs)", llc_mean, llc_std, num_chains, "vmap" if vectorized else "sequential",
+        time.perf_counter() - started,
+    )
+    return LLCResult(
+        llc_mean=llc_mean,
+        llc_std=llc_std,
+        llc_per_chain=llc_per_chain.float(),
+        loss_trace=draws.float(),
+        init_loss=init_loss,
+        nbeta=nbeta,
+        warnings=findings,
+        failed_chains=tuple(sorted(failures)),
+        epsilon=float(epsilon),
+        gamma=float(gamma),
+        sampler=sampler,
+        num_samples=source.num_samples,
+        seed=seed,
+        vectorized=vectorized,
+    )

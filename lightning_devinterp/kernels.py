@@ -46,12 +46,13 @@ class SGLD:
         return {}
 
     def step(self, position: Params, state: Params, grads: Params, anchor: Params, noise: Params) -> tuple[Params, Params]:
-        noise_scale = math.sqrt(self.epsilon)
-        new_position = {
-            name: w - (0.5 * self.epsilon) * (self.nbeta * grads[name] + self.gamma * (w - anchor[name])) + noise_scale * noise[name]
-            for name, w in position.items()
-        }
-        return new_position, state
+        names = list(position)
+        w = [position[name] for name in names]
+        drift = torch._foreach_mul([grads[name] for name in names], self.nbeta)
+        torch._foreach_add_(drift, torch._foreach_sub(w, [anchor[name] for name in names]), alpha=self.gamma)
+        new_w = torch._foreach_add(w, drift, alpha=-0.5 * self.epsilon)
+        torch._foreach_add_(new_w, [noise[name] for name in names], alpha=math.sqrt(self.epsilon))
+        return dict(zip(names, new_w)), state
 
 
 @dataclass(frozen=True)

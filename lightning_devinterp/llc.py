@@ -154,8 +154,9 @@ def _run_chains(
     """Run all chains from w*; return the minibatch loss at every step, ``[num_chains, num_steps]``, and whether vmap ran.
 
     Each step draws, in this order, the minibatch indices ``[num_chains, batch_size]`` from a CPU generator and one
-    standard-normal tensor ``[num_chains, *shape]`` per sampled parameter from a generator on ``device``, both
-    seeded from ``seed``; so the vectorized and sequential paths see identical randomness.
+    standard-normal tensor ``[num_chains, number of sampled weights]``, split across the sampled parameters, from a
+    generator on ``device``, both seeded from ``seed``; so the vectorized and sequential paths see identical
+    randomness, and so does a smaller model with the same sampled parameters.
     """
     index_generator = torch.Generator().manual_seed(seed)
     noise_generator = torch.Generator(device=device).manual_seed(seed)
@@ -165,15 +166,15 @@ def _run_chains(
     step_fn = vmap(grad_fn) if vectorized else _sequential(grad_fn, num_chains)
     anchor = loss.anchor
     position = {name: w.unsqueeze(0).repeat(num_chains, *([1] * w.dim())) for name, w in anchor.items()}
+    stacked_anchor = {name: w.clone() for name, w in position.items()}
     state = kernel.init(position)
+    sizes = [w[0].numel() for w in position.values()]
     step_losses = torch.empty(num_chains, num_steps, device=device)
-    alive = torch.ones(num_chains, dtype=torch.bool, device=device)
     with torch.no_grad():
         for step in range(num_steps):
             batch = source.sample(index_generator, num_chains)
-            noise = {
-                name: torch.randn(w.shape, generator=noise_generator, device=device, dtype=w.dtype) for name, w in position.items()
-            }
+            flat_noise = torch.randn(num_chains, sum(sizes), generator=noise_generator, device=device)
+            noise = {name: chunk.reshape(w.shape).to(w.dtype) for (name, w), chunk in zip(position.items(), flat_noise.split(sizes, dim=1))}
             try:
                 grads, values = step_fn(position, batch)
             except Exception as error:
@@ -188,11 +189,8 @@ def _run_chains(
             if values.dim() != 1:
                 raise ValueError(f"loss_fn must return a scalar mean loss, got shape {tuple(values.shape[1:])}.")
             step_losses[:, step] = values
-            alive &= torch.isfinite(values)
-            proposed, new_state = kernel.step(position, state, grads, anchor, noise)
-            position = {name: torch.where(alive.view(-1, *([1] * (w.dim() - 1))), proposed[name], w) for name, w in position.items()}
-            state = new_state
-            if (step + 1) % _ALL_DEAD_CHECK_EVERY == 0 and not bool(alive.any()):
+            position, state = kernel.step(position, state, grads, stacked_anchor, noise)
+            if (step + 1) % _ALL_DEAD_CHECK_EVERY == 0 and not bool(torch.isfinite(step_losses[:, : step + 1]).all(dim=1).any()):
                 step_losses[:, step + 1 :] = float("nan")
                 break
     return step_losses, vectorized

@@ -51,6 +51,36 @@ def _ignore_log(*args: Any, **kwargs: Any) -> None:
 
 
 @contextmanager
+def _instance_attributes(obj: object, replacements: dict[str, Any]) -> Iterator[None]:
+    """Set instance attributes for the duration of the block, then restore or remove them exactly."""
+    saved = {name: obj.__dict__[name] for name in replacements if name in obj.__dict__}
+    obj.__dict__.update(replacements)
+    try:
+        yield
+    finally:
+        for name in replacements:
+            if name in saved:
+                obj.__dict__[name] = saved[name]
+            else:
+                del obj.__dict__[name]
+
+
+def _evaluation_replacements(model: nn.Module) -> dict[str, Any]:
+    """No-op ``log``/``log_dict`` for a LightningModule, and its uncompiled methods if the Trainer compiled it.
+
+    ``Trainer.fit(torch.compile(module))`` replaces ``forward``/``training_step`` with dynamo wrappers bound to the
+    original parameters; swapping in sampled parameters needs the original Python methods.
+    """
+    if not isinstance(model, pl.LightningModule):
+        return {}
+    replacements: dict[str, Any] = {"log": _ignore_log, "log_dict": _ignore_log}
+    compiled = getattr(model, "_compiler_ctx", None)
+    if compiled:
+        replacements.update(forward=compiled["original_forward"], training_step=compiled["original_training_step"])
+    return replacements
+
+
+@contextmanager
 def quiet_evaluation(model: nn.Module) -> Iterator[None]:
     """Eval mode for every submodule and, for a LightningModule, no-op ``log``/``log_dict``; all restored on exit.
 
@@ -58,23 +88,13 @@ def quiet_evaluation(model: nn.Module) -> Iterator[None]:
     requires; silencing ``log`` keeps a training_step used as loss from writing into a live Trainer's metrics.
     """
     modes = [(module, module.training) for module in model.modules()]
-    silenced = isinstance(model, pl.LightningModule)
-    saved = {name: model.__dict__[name] for name in ("log", "log_dict") if name in model.__dict__}
     model.eval()
-    if silenced:
-        model.log = _ignore_log  # type: ignore[method-assign]
-        model.log_dict = _ignore_log  # type: ignore[method-assign]
     try:
-        yield
+        with _instance_attributes(model, _evaluation_replacements(model)):
+            yield
     finally:
         for module, training in modes:
             module.training = training
-        if silenced:
-            for name in ("log", "log_dict"):
-                if name in saved:
-                    model.__dict__[name] = saved[name]
-                else:
-                    del model.__dict__[name]
 
 
 class _LossModule(nn.Module):

@@ -7,6 +7,8 @@ import math
 import secrets
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -82,31 +84,42 @@ def _check_positive(name: str, value: Any, allow_zero: bool = False) -> None:
         raise ValueError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0, got {value!r}.")
 
 
-def validate_sampling_args(
-    *,
-    num_chains: int,
-    num_draws: int,
-    num_burnin_steps: int,
-    num_steps_bw_draws: int,
-    epsilon: float,
-    gamma: float,
-    nbeta: float | None,
-    batch_size: int | None,
-    sampler: str,
-) -> None:
-    """Raise ``ValueError`` for any sampling argument out of range (shared by the estimator and the callbacks)."""
-    _check_count("num_chains", num_chains, 1)
-    _check_count("num_draws", num_draws, 1)
-    _check_count("num_burnin_steps", num_burnin_steps, 0)
-    _check_count("num_steps_bw_draws", num_steps_bw_draws, 1)
-    _check_positive("epsilon", epsilon)
-    _check_positive("gamma", gamma, allow_zero=True)
-    if nbeta is not None:
-        _check_positive("nbeta", nbeta)
-    if batch_size is not None:
-        _check_count("batch_size", batch_size, 1)
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}.")
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to sample one estimate; validated on construction, shared by :func:`estimate_llc` and the callbacks."""
+
+    num_chains: int = 4
+    num_draws: int = 200
+    num_burnin_steps: int = 100
+    num_steps_bw_draws: int = 1
+    epsilon: float = 1e-4
+    gamma: float = 100.0
+    nbeta: float | None = None
+    batch_size: int | None = None
+    params: ParamSelector = None
+    sampler: str = "sgld"
+    vectorize: bool | Literal["auto"] = "auto"
+
+    def __post_init__(self) -> None:
+        _check_count("num_chains", self.num_chains, 1)
+        _check_count("num_draws", self.num_draws, 1)
+        _check_count("num_burnin_steps", self.num_burnin_steps, 0)
+        _check_count("num_steps_bw_draws", self.num_steps_bw_draws, 1)
+        _check_positive("epsilon", self.epsilon)
+        _check_positive("gamma", self.gamma, allow_zero=True)
+        if self.nbeta is not None:
+            _check_positive("nbeta", self.nbeta)
+        if self.batch_size is not None:
+            _check_count("batch_size", self.batch_size, 1)
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {self.sampler!r}.")
+        if self.vectorize not in (True, False, "auto"):
+            raise ValueError(f"vectorize must be True, False or 'auto', got {self.vectorize!r}.")
+
+    @property
+    def num_steps(self) -> int:
+        """SGLD steps per chain: burn-in plus the steps that produce the draws."""
+        return self.num_burnin_steps + self.num_draws * self.num_steps_bw_draws
 
 
 def _mean_init_loss(loss: FunctionalLoss, source: MinibatchSource, chunk_size: int) -> float:
@@ -250,7 +263,7 @@ def estimate_llc(
         ValueError, TypeError: bad arguments, empty data, a non-scalar loss, a ``params`` entry that matches nothing,
             a model without trainable parameters.
     """
-    validate_sampling_args(
+    config = SamplingConfig(
         num_chains=num_chains,
         num_draws=num_draws,
         num_burnin_steps=num_burnin_steps,
@@ -259,76 +272,112 @@ def estimate_llc(
         gamma=gamma,
         nbeta=nbeta,
         batch_size=batch_size,
+        params=params,
         sampler=sampler,
+        vectorize=vectorize,
     )
-    if vectorize not in (True, False, "auto"):
-        raise ValueError(f"vectorize must be True, False or 'auto', got {vectorize!r}.")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     loss_fn = resolve_loss_fn(model, loss_fn)
-    sampled_names = select_parameter_names(model, params)
-    if device is None:
-        first = next(model.parameters())
-        device = first.device
-    device = torch.device(device)
+    select_parameter_names(model, params)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     seed = secrets.randbits(63) if seed is None else int(seed)
-    started = time.perf_counter()
-    with preserved_rng_states(), quiet_evaluation(model):
+    with preserved_rng_states():
         source = MinibatchSource(data, batch_size, device)
-        nbeta = default_nbeta(source.num_samples) if nbeta is None else float(nbeta)
-        loss = FunctionalLoss(model, loss_fn, sampled_names, device)
+    run = run_chains(model, loss_fn, source, config, num_chains=num_chains, seed=seed)
+    return summarize_chains(run, config)
+
+
+@dataclass(frozen=True)
+class ChainRun:
+    """Raw output of :func:`run_chains`: the minibatch loss of every chain at every SGLD step, and what it depends on."""
+
+    step_losses: Tensor
+    init_loss: float
+    nbeta: float
+    num_samples: int
+    seed: int
+    vectorized: bool
+
+
+def run_chains(
+    model: nn.Module,
+    loss_fn: LossFn,
+    source: MinibatchSource,
+    config: SamplingConfig,
+    *,
+    num_chains: int,
+    seed: int,
+    forward_context: Callable[[], ContextManager[Any]] = nullcontext,
+) -> ChainRun:
+    """Sample ``num_chains`` chains from the model's current parameters, leaving model and global RNGs as they were.
+
+    ``forward_context`` wraps every loss evaluation (a Trainer's autocast, for instance). ``num_chains`` may differ
+    from ``config.num_chains`` when chains are split across processes.
+    """
+    sampled_names = select_parameter_names(model, config.params)
+    started = time.perf_counter()
+    with preserved_rng_states(), quiet_evaluation(model), forward_context():
+        nbeta = default_nbeta(source.num_samples) if config.nbeta is None else float(config.nbeta)
+        loss = FunctionalLoss(model, loss_fn, sampled_names, source.device)
         init_loss = _mean_init_loss(loss, source, chunk_size=source.batch_size * num_chains)
-        kernel = make_kernel(sampler, epsilon=epsilon, nbeta=nbeta, gamma=gamma)
+        kernel = make_kernel(config.sampler, epsilon=config.epsilon, nbeta=nbeta, gamma=config.gamma)
         step_losses, vectorized = _run_chains(
             loss,
             kernel,
             source,
             num_chains=num_chains,
-            num_steps=num_burnin_steps + num_draws * num_steps_bw_draws,
+            num_steps=config.num_steps,
             seed=seed,
-            device=device,
-            vectorize=vectorize,
+            device=source.device,
+            vectorize=config.vectorize,
         )
-    step_losses = step_losses.detach().double().cpu()
+    log.debug(
+        "%d chains x %d steps (%s) in %.2fs", num_chains, config.num_steps, "vmap" if vectorized else "sequential",
+        time.perf_counter() - started,
+    )
+    return ChainRun(step_losses.detach().double().cpu(), init_loss, nbeta, source.num_samples, seed, vectorized)
+
+
+def summarize_chains(run: ChainRun, config: SamplingConfig) -> LLCResult:
+    """The LLC estimate and its health findings from raw chain losses (possibly gathered from several processes)."""
+    step_losses = run.step_losses.clone()
+    num_chains = step_losses.shape[0]
     failures = first_failures(step_losses)
     for chain, step in failures.items():
         step_losses[chain, step:] = float("nan")
-    draws = step_losses[:, num_burnin_steps::num_steps_bw_draws]
-    llc_per_chain = nbeta * (draws.mean(dim=1) - init_loss)
+    draws = step_losses[:, config.num_burnin_steps :: config.num_steps_bw_draws]
+    llc_per_chain = run.nbeta * (draws.mean(dim=1) - run.init_loss)
     alive = [chain for chain in range(num_chains) if chain not in failures]
     if not alive:
         raise LLCEstimationError(
             f"all {num_chains} chains diverged (loss became NaN/Inf; first at step {min(failures.values())}); "
-            f"try a smaller epsilon than {epsilon:g} or a larger gamma than {gamma:g}."
+            f"try a smaller epsilon than {config.epsilon:g} or a larger gamma than {config.gamma:g}."
         )
     llc_mean = float(llc_per_chain[alive].mean())
     llc_std = float(llc_per_chain[alive].std()) if len(alive) > 1 else float("nan")
     findings = diagnose(
         draws,
-        init_loss,
+        run.init_loss,
         llc_mean,
         failures,
-        epsilon=epsilon,
-        num_burnin_steps=num_burnin_steps,
-        num_steps_bw_draws=num_steps_bw_draws,
-    )
-    log.debug(
-        "llc = %.4g +- %.3g (%d chains, %s, %.2fs)", llc_mean, llc_std, num_chains, "vmap" if vectorized else "sequential",
-        time.perf_counter() - started,
+        epsilon=config.epsilon,
+        num_burnin_steps=config.num_burnin_steps,
+        num_steps_bw_draws=config.num_steps_bw_draws,
     )
     return LLCResult(
         llc_mean=llc_mean,
         llc_std=llc_std,
         llc_per_chain=llc_per_chain.float(),
         loss_trace=draws.float(),
-        init_loss=init_loss,
-        nbeta=nbeta,
+        init_loss=run.init_loss,
+        nbeta=run.nbeta,
         warnings=findings,
         failed_chains=tuple(sorted(failures)),
-        epsilon=float(epsilon),
-        gamma=float(gamma),
-        sampler=sampler,
-        num_samples=source.num_samples,
-        seed=seed,
-        vectorized=vectorized,
+        epsilon=float(config.epsilon),
+        gamma=float(config.gamma),
+        sampler=config.sampler,
+        num_samples=run.num_samples,
+        seed=run.seed,
+        vectorized=run.vectorized,
     )

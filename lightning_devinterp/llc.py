@@ -61,6 +61,11 @@ class LLCResult:
     vectorized: bool = True
 
     @property
+    def num_chains_used(self) -> int:
+        """Chains that did not diverge: those behind ``llc_mean`` and ``llc_std``."""
+        return self.llc_per_chain.numel() - len(self.failed_chains)
+
+    @property
     def healthy(self) -> bool:
         """True when no diagnostic found a reason to distrust the estimate (see ``warnings``)."""
         return not self.warnings

@@ -1,0 +1,78 @@
+"""TransitionMonitor: watch any logged metric for sudden jumps, EarlyStopping-style."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+
+from lightning_devinterp.alerts import TransitionHook, announce_transition
+from lightning_devinterp.transitions import Transition, TransitionDetector
+
+
+class TransitionMonitor(Callback):
+    """Feed ``trainer.callback_metrics[monitor]`` to a :class:`TransitionDetector` and alert on jumps.
+
+    The metric is read after each optimizer step and after each validation run, once per step; steps where it was
+    not logged are skipped. Alerts are those of :class:`LLCMonitor`: a :class:`TransitionWarning`, a WARNING on the
+    ``lightning_devinterp`` logger, a ``transitions/<monitor>`` scalar and a TensorBoard text entry, an optional
+    checkpoint and the ``on_transition(trainer, pl_module, transition)`` hook. Every rank sees the same
+    (synchronised) metric value only if it is logged with ``sync_dist=True``; log it so under DDP.
+    """
+
+    def __init__(
+        self,
+        monitor: str = "train_loss",
+        detector: TransitionDetector | None = None,
+        on_transition: TransitionHook | None = None,
+        save_checkpoint: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(monitor, str) or not monitor:
+            raise ValueError(f"monitor must be the name of a logged metric, got {monitor!r}.")
+        if detector is not None and not isinstance(detector, TransitionDetector):
+            raise TypeError(f"detector must be a TransitionDetector or None, got {type(detector).__name__}.")
+        if on_transition is not None and not callable(on_transition):
+            raise TypeError("on_transition must be callable as on_transition(trainer, pl_module, transition).")
+        self.monitor = monitor
+        self.detector = detector if detector is not None else TransitionDetector(metric=monitor)
+        self.on_transition = on_transition
+        self.save_checkpoint = save_checkpoint
+        self.transitions: list[Transition] = []
+        self._last_step = -1
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(monitor=self.monitor)
+
+    def _observe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.fast_dev_run or trainer.sanity_checking or trainer.global_step <= self._last_step:
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            return
+        self._last_step = trainer.global_step
+        transition = self.detector.update(trainer.global_step, float(value))
+        if transition is not None:
+            self.transitions.append(transition)
+            announce_transition(trainer, pl_module, transition, on_transition=self.on_transition, save_checkpoint=self.save_checkpoint)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._observe(trainer, pl_module)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._observe(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "detector": self.detector.state_dict(),
+            "transitions": [dataclasses.asdict(t) for t in self.transitions],
+            "last_step": self._last_step,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.detector.load_state_dict(state_dict["detector"])
+        self.transitions = [Transition(**t) for t in state_dict["transitions"]]
+        self._last_step = state_dict["last_step"]

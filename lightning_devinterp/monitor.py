@@ -218,7 +218,7 @@ class LLCMonitor(Callback):
         self.schedule.charge(time.perf_counter() - started)
         self._write_tensorboard_header(trainer)
         rank_zero_info(f"LLCMonitor: estimating {self.schedule.describe()}, nbeta = {self._nbeta:.6g}.")
-        if trainer.global_step == 0 and self._last_step < 0:
+        if trainer.global_step == 0 and self._last_step < 0 and self._buffer is None:
             self._estimate(trainer, pl_module)
 
     def _prepare_data(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -267,11 +267,17 @@ class LLCMonitor(Callback):
 
     # ---- when ----------------------------------------------------------------------------------------------
 
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        """Buffer the batch (iterable data); with a buffer, the step-0 estimate waits for this first batch."""
+        if self._disabled or self._buffer is None:
+            return
+        self._buffer.append(batch)
+        if trainer.global_step == 0 and self._last_step < 0:
+            self._estimate(trainer, pl_module)
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._disabled:
             return
-        if self._buffer is not None:
-            self._buffer.append(batch)
         step = trainer.global_step
         if step > self._last_step and self._agreed(trainer, self.schedule.is_due(step)):
             self._estimate(trainer, pl_module)

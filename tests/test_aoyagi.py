@@ -1,6 +1,6 @@
 import pytest
 
-from aoyagi import aoyagi_lambda
+from lightning_devinterp.theory import aoyagi_lambda
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from aoyagi import aoyagi_lambda
+from lightning_devinterp.theory import aoyagi_lambda
 from lightning_devinterp import estimate_llc
 from models import Potential, deep_linear_network, gaussian_nll, set_to_rank, teacher_data
 

@@ -1,0 +1,41 @@
+"""Known learning coefficients, for checking estimates: Aoyagi's closed form for deep linear networks (Aoyagi 2024)."""
+
+from __future__ import annotations
+
+import math
+
+
+def aoyagi_lambda(widths: list[int], rank: int) -> float:
+    """λ of a bias-free deep linear network with widths ``H_0 (input), ..., H_L (output)`` whose true product has rank ``rank``.
+
+    With ``M_j = H_j - rank``, the index set Σ (|Σ| = ℓ + 1) is the smallest prefix of the indices sorted by M with
+    ``max_Σ M < min_rest M``, ``Σ_Σ M >= ℓ max_Σ M`` and ``Σ_Σ M < ℓ min_rest M`` (the last two only while a rest
+    remains); then with ``S = Σ_Σ M``, ``M̄ = ceil(S / ℓ)``, ``a = S - (M̄ - 1) ℓ``::
+
+        λ = (-r² + r (H_0 + H_L)) / 2 + a (ℓ - a) / (4ℓ) - ℓ (ℓ - 1) / 4 (S / ℓ)² + ½ Σ_{i<j in Σ} M_i M_j
+
+    Used by Furman & Lau 2024 (arXiv 2402.03698) to validate LLC estimates.
+    """
+    if len(widths) < 2 or rank < 0 or rank > min(widths):
+        raise ValueError(f"need at least two widths and 0 <= rank <= min(widths), got widths={widths}, rank={rank}.")
+    M = [h - rank for h in widths]
+    order = sorted(range(len(widths)), key=lambda j: M[j])
+    for size in range(2, len(widths) + 1):
+        sigma, rest = order[:size], order[size:]
+        ell = size - 1
+        S = sum(M[j] for j in sigma)
+        largest = max(M[j] for j in sigma)
+        if not rest:
+            break
+        smallest_rest = min(M[j] for j in rest)
+        if largest < smallest_rest and S >= ell * largest and S < ell * smallest_rest:
+            break
+    M_bar = math.ceil(S / ell)
+    a = S - (M_bar - 1) * ell
+    pairs = sum(M[sigma[i]] * M[sigma[j]] for i in range(len(sigma)) for j in range(i + 1, len(sigma)))
+    return (
+        (-(rank**2) + rank * (widths[0] + widths[-1])) / 2
+        + a * (ell - a) / (4 * ell)
+        - (ell * (ell - 1) / 4) * (S / ell) ** 2
+        + pairs / 2
+    )

@@ -1,0 +1,21 @@
+"""Every example starts and finishes in its smoke mode, and writes what its docstring promises."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in EXAMPLES.glob("*.py")))
+def test_example_runs_in_smoke_mode(script, tmp_path):
+    completed = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), "--smoke", "--log-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore::DeprecationWarning"},
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "step" in completed.stdout
+    assert list(tmp_path.rglob("events.out.tfevents.*")), "no TensorBoard event file written"

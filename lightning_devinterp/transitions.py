@@ -1,22 +1,25 @@
 """Online change-point detection for a noisy, irregularly sampled series such as λ̂ during training.
 
-Method (one pass, O(window) per update):
+Method (one pass, O(window²) per update):
 
-1. The detector keeps the current *segment*: the last ``window`` points since the start or since the last alert.
+1. The detector keeps a *segment*: the recent points (at most ``window``) of the current regime.
 2. Once the segment holds ``warmup`` points, each new point is compared with the segment's robust linear trend
    (Theil-Sen: median of pairwise slopes against the step, median intercept) extrapolated to the new step.
-3. The residual is divided by a noise scale ``sigma = sqrt(s**2 + std**2)``, where ``s`` is 1.4826 x the median
-   of the last ``2 * window`` one-step-ahead prediction errors (robust, and honest about extrapolation error;
-   kept across transitions, since the noise level rarely changes with the level) and ``std`` the new point's
-   own uncertainty (for λ̂, the standard error over chains); sigma is floored at ``relative_noise_floor`` x the
-   segment's level so a nearly constant series does not make every wiggle significant. No alert is raised before
-   ``warmup`` prediction errors exist (the first ``2 * warmup`` points), whatever ``std`` says: an estimate's own
-   spread over chains understates how much consecutive estimates scatter.
-4. An alert needs ``score = |residual| / sigma >= threshold`` *and* a change of at least ``min_relative_change``
-   of the level: a jump must be both significant against the noise and large in absolute terms. Following a smooth
-   drift is what the trend is for; a jump is what it cannot explain.
-5. After an alert the segment restarts at the new point, so the new regime needs its own ``warmup`` points before
-   the next alert: one transition gives one alert.
+3. The residual is divided by a noise scale ``sigma = max(s, std)``. ``s`` is 1.4826 x the median of the segment's
+   one-step-ahead prediction errors once ``warmup`` of them exist (robust, and honest about extrapolation error;
+   only errors below half the threshold count, so a slow excursion is not learnt as noise); before that, the
+   robust spread of the segment's successive differences, widened by half for the small sample. ``std`` is the point's
+   own uncertainty (for λ̂, the standard error over chains), a floor for the noise. sigma is also floored at
+   ``relative_noise_floor`` x the segment's level so a nearly constant series does not make every wiggle
+   significant.
+4. An *onset* needs ``score = |residual| / sigma >= threshold`` and a change of at least ``min_relative_change`` of
+   the level: significant against the noise and large in absolute terms. A smooth drift is what the trend follows;
+   a jump is what it cannot explain.
+5. Transitions often take several points (λ̂ dives and recovers while the loss falls). After an onset the detector
+   waits until the series *settles*: ``settle_points`` successive differences each below ``settle_fraction`` of
+   the onset's jump, or ``window`` points, whichever comes first. It then reports the *end* of the transition,
+   from the level before the onset to the settled value, and starts a new segment from the settled points. So one
+   transition gives an onset and an end, labelled in ``reason``, and nothing in between.
 
 Points from estimates marked unhealthy still count, and their alerts say so in ``reason`` (a negative or spiking
 λ̂ while the loss falls fast is itself a sign of a transition). Non-finite values are ignored.
@@ -29,6 +32,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from statistics import median
 from typing import Any, Literal
+
+SMALL_SAMPLE_INFLATION = 1.5
+"""Widens the difference-based noise scale used while fewer than ``warmup`` prediction errors exist."""
+
+INLIER_FRACTION = 0.5
+"""Only prediction errors below this fraction of ``threshold`` (in noise units) update the noise scale, so a slow
+excursion cannot teach the detector that it is noise."""
 
 
 class TransitionWarning(UserWarning):
@@ -46,6 +56,10 @@ class Transition:
     score: float
     direction: Literal["up", "down"]
     reason: str
+
+    @property
+    def is_onset(self) -> bool:
+        return self.reason.startswith("onset")
 
     def describe(self) -> str:
         return (
@@ -67,15 +81,18 @@ def _theil_sen(steps: Sequence[float], values: Sequence[float]) -> tuple[float, 
 
 
 class TransitionDetector:
-    """Flags points that a series' recent robust trend cannot explain (see the module docstring for the method).
+    """Flags jumps that a series' recent robust trend cannot explain, as an onset and an end (see the module docstring).
 
     Args:
         metric: the name reported in each :class:`Transition`.
-        threshold: minimum residual in units of the noise scale.
-        min_relative_change: minimum residual as a fraction of the segment's typical magnitude.
-        warmup: points a segment needs before it can raise an alert.
-        window: most recent points of the segment used for the trend and the noise scale.
+        threshold: minimum residual of an onset, in units of the noise scale.
+        min_relative_change: minimum residual of an onset as a fraction of the segment's typical magnitude.
+        warmup: points a segment needs before it can raise an onset.
+        window: most recent points of a segment used for the trend and the noise scale; also the longest a
+            transition may last (in points) before its end is reported.
         relative_noise_floor: lower bound of the noise scale as a fraction of the segment's typical magnitude.
+        settle_fraction, settle_points: a transition has ended when ``settle_points`` successive differences are
+            each below ``settle_fraction`` of its onset jump.
     """
 
     def __init__(
@@ -86,27 +103,45 @@ class TransitionDetector:
         warmup: int = 5,
         window: int = 10,
         relative_noise_floor: float = 0.02,
+        settle_fraction: float = 0.25,
+        settle_points: int = 2,
     ) -> None:
-        for name, value in (("threshold", threshold), ("min_relative_change", min_relative_change), ("relative_noise_floor", relative_noise_floor)):
+        numbers = (
+            ("threshold", threshold),
+            ("min_relative_change", min_relative_change),
+            ("relative_noise_floor", relative_noise_floor),
+            ("settle_fraction", settle_fraction),
+        )
+        for name, value in numbers:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 3:
             raise ValueError(f"warmup must be an integer >= 3 (a trend and a noise scale need points), got {warmup!r}.")
         if isinstance(window, bool) or not isinstance(window, int) or window < warmup:
             raise ValueError(f"window must be an integer >= warmup ({warmup}), got {window!r}.")
+        if isinstance(settle_points, bool) or not isinstance(settle_points, int) or not 1 <= settle_points < window:
+            raise ValueError(f"settle_points must be an integer in [1, window), got {settle_points!r}.")
         self.metric = metric
         self.threshold = float(threshold)
         self.min_relative_change = float(min_relative_change)
         self.warmup = warmup
         self.window = window
         self.relative_noise_floor = float(relative_noise_floor)
-        self._segment: list[tuple[int, float]] = []
-        self._errors: list[float] = []
+        self.settle_fraction = float(settle_fraction)
+        self.settle_points = settle_points
+        self.reset()
 
     def reset(self) -> None:
         """Forget the series."""
-        self._segment = []
-        self._errors = []
+        self._segment: list[tuple[int, float]] = []
+        self._errors: list[float] = []
+        self._onset: dict[str, Any] | None = None
+        self._transient: list[tuple[int, float]] = []
+
+    @property
+    def in_transition(self) -> bool:
+        """True between an onset and its end."""
+        return self._onset is not None
 
     def score(self, step: int, value: float, std: float | None = None) -> tuple[float, float, float]:
         """``(score, predicted, sigma)`` of a candidate point against the current segment, without recording it."""
@@ -114,51 +149,86 @@ class TransitionDetector:
         values = [v for _, v in self._segment]
         slope, intercept = _theil_sen(steps, values)
         predicted = intercept + slope * step
-        residual_scale = 1.4826 * median(self._errors) if self._errors else 0.0
+        if len(self._errors) >= self.warmup:
+            residual_scale = 1.4826 * median(self._errors)
+        else:
+            differences = [b - a for a, b in zip(values, values[1:])]
+            typical = median(differences)
+            residual_scale = SMALL_SAMPLE_INFLATION * 1.4826 * median(abs(d - typical) for d in differences) / math.sqrt(2)
         level = median(abs(v) for v in values)
-        sigma = max(math.hypot(residual_scale, std or 0.0), self.relative_noise_floor * level, 1e-12)
+        sigma = max(residual_scale, std or 0.0, self.relative_noise_floor * level, 1e-12)
         return abs(value - predicted) / sigma, predicted, sigma
 
     def update(self, step: int, value: float, std: float | None = None, healthy: bool = True) -> Transition | None:
-        """Add one point; return a :class:`Transition` if it is a jump, else None."""
+        """Add one point; return a :class:`Transition` (an onset or an end) or None."""
         value = float(value)
         if not math.isfinite(value):
             return None
         if std is not None and not math.isfinite(std):
             std = None
+        point = (int(step), value)
+        if self._onset is not None:
+            return self._follow_transition(point, healthy)
         transition = None
         if len(self._segment) >= self.warmup:
-            score, predicted, _ = self.score(step, value, std)
-            level = median(abs(v) for _, v in self._segment)
+            score, predicted, sigma = self.score(step, value, std)
             change = abs(value - predicted)
-            noise_known = len(self._errors) >= self.warmup
-            if noise_known and score >= self.threshold and change >= self.min_relative_change * level:
-                reason = "jump beyond the recent trend"
-                if not healthy:
-                    reason += "; the estimate was marked unhealthy, so read it as a symptom, not a measurement"
-                transition = Transition(
-                    step=int(step),
-                    metric=self.metric,
-                    before=predicted,
-                    after=value,
-                    score=score,
-                    direction="up" if value > predicted else "down",
-                    reason=reason,
-                )
-                self._segment = []
-            else:
+            if score >= self.threshold and change >= self.min_relative_change * median(abs(v) for _, v in self._segment):
+                transition = self._make(point, predicted, score, "onset: jump beyond the recent trend", healthy)
+                self._onset = {"step": point[0], "before": predicted, "jump": change, "sigma": sigma}
+                self._transient = [point]
+                return transition
+            if score < INLIER_FRACTION * self.threshold:
                 self._errors.append(change)
                 del self._errors[: -2 * self.window]
-        self._segment.append((int(step), value))
+        self._segment.append(point)
         del self._segment[: -self.window]
         return transition
 
+    def _follow_transition(self, point: tuple[int, float], healthy: bool) -> Transition | None:
+        assert self._onset is not None
+        self._transient.append(point)
+        recent = [v for _, v in self._transient[-(self.settle_points + 1) :]]
+        settled = len(recent) == self.settle_points + 1 and all(
+            abs(b - a) < self.settle_fraction * self._onset["jump"] for a, b in zip(recent, recent[1:])
+        )
+        if not settled and len(self._transient) < self.window:
+            return None
+        before = self._onset["before"]
+        reason = f"end of the transition that began at step {self._onset['step']}" + ("" if settled else " (did not settle)")
+        transition = self._make(point, before, abs(point[1] - before) / self._onset["sigma"], reason, healthy)
+        self._segment = self._transient[-self.settle_points :]
+        self._errors = []
+        self._onset = None
+        self._transient = []
+        return transition
+
+    def _make(self, point: tuple[int, float], before: float, score: float, reason: str, healthy: bool) -> Transition:
+        if not healthy:
+            reason += "; the estimate was marked unhealthy, so read it as a symptom, not a measurement"
+        return Transition(
+            step=point[0],
+            metric=self.metric,
+            before=before,
+            after=point[1],
+            score=score,
+            direction="up" if point[1] > before else "down",
+            reason=reason,
+        )
+
     def state_dict(self) -> dict[str, Any]:
-        return {"segment": [list(point) for point in self._segment], "errors": list(self._errors)}
+        return {
+            "segment": [list(p) for p in self._segment],
+            "errors": list(self._errors),
+            "onset": dict(self._onset) if self._onset is not None else None,
+            "transient": [list(p) for p in self._transient],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._segment = [(int(step), float(value)) for step, value in state["segment"]]
         self._errors = [float(error) for error in state["errors"]]
+        self._onset = dict(state["onset"]) if state["onset"] is not None else None
+        self._transient = [(int(step), float(value)) for step, value in state["transient"]]
 
 
 def detect_transitions(

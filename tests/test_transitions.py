@@ -37,21 +37,24 @@ def test_at_most_one_false_alarm_per_100_points_without_transitions(trend):
     alarms = points = 0
     for _ in range(40):
         steps, values = synthetic_series(rng, trend=trend)
-        alarms += len(detect_transitions(steps, values))
+        alarms += sum(t.is_onset for t in detect_transitions(steps, values))
         points += len(values)
     assert 100 * alarms / points <= 1.0
 
 
 @pytest.mark.parametrize("trend", [None, "exponential"])
 def test_large_planted_jumps_are_found_on_time(trend):
-    """8-sigma shifts: recall >= 85%, found at the jump or one point later, few alarms elsewhere."""
+    """8-sigma shifts: recall >= 85%, found at the jump or one point later, few alarms elsewhere, each onset ended."""
     rng = np.random.default_rng(2)
     found = planted = false_alarms = 0
     lags = []
     for _ in range(40):
         jumps = (30, 65)
         steps, values = synthetic_series(rng, jumps=jumps, jump_size=8.0, trend=trend)
-        indices = [steps.index(t.step) for t in detect_transitions(steps, values)]
+        events = detect_transitions(steps, values)
+        onsets = [t for t in events if t.is_onset]
+        assert len(events) - len(onsets) >= len(onsets) - 1  # every onset but perhaps the last has its end
+        indices = [steps.index(t.step) for t in onsets]
         for jump in jumps:
             planted += 1
             near = [i - jump for i in indices if 0 <= i - jump <= 2]
@@ -70,24 +73,34 @@ def test_small_jumps_are_rarely_reported():
     reported = 0
     for _ in range(30):
         steps, values = synthetic_series(rng, jumps=(50,), jump_size=2.0)
-        reported += any(0 <= steps.index(t.step) - 50 <= 2 for t in detect_transitions(steps, values))
+        reported += any(t.is_onset and 0 <= steps.index(t.step) - 50 <= 2 for t in detect_transitions(steps, values))
     assert reported / 30 <= 0.2
 
 
-def test_one_transition_gives_one_alert_with_its_direction():
+def test_one_transition_gives_an_onset_and_an_end():
     steps = list(range(0, 4000, 100))
     values = [10.0 + 0.1 * math.sin(i) for i in range(20)] + [30.0 + 0.1 * math.cos(i) for i in range(20)]
-    events = detect_transitions(steps, values, metric="llc/mean")
-    assert len(events) == 1
-    (event,) = events
-    assert event.step == 2000 and event.direction == "up" and event.metric == "llc/mean"
-    assert event.before == pytest.approx(10.0, abs=0.3) and event.after == pytest.approx(30.0, abs=0.2)
-    assert event.score >= 4.0
+    onset, end = detect_transitions(steps, values, metric="llc/mean")
+    assert onset.is_onset and onset.step == 2000 and onset.direction == "up" and onset.metric == "llc/mean"
+    assert onset.before == pytest.approx(10.0, abs=0.3) and onset.after == pytest.approx(30.0, abs=0.2)
+    assert onset.score >= 4.0
+    assert not end.is_onset and "began at step 2000" in end.reason and end.step == 2200
+    assert end.before == onset.before and end.after == pytest.approx(30.0, abs=0.2)
+
+
+def test_a_multi_point_excursion_is_one_transition():
+    """λ̂ diving over several estimates and recovering (as around a loss drop) is one onset and one end."""
+    steps = list(range(0, 3000, 100))
+    values = [5.0 + 0.2 * math.sin(i) for i in range(12)] + [-10.0, -40.0, -80.0, -60.0, -20.0] + [12.0 + 0.2 * math.cos(i) for i in range(13)]
+    events = detect_transitions(steps, values)
+    assert [t.is_onset for t in events] == [True, False]
+    assert events[0].step == 1200 and events[0].direction == "down"
+    assert events[1].direction == "up" and events[1].after == pytest.approx(12.0, abs=0.5)
 
 
 def test_no_alert_during_warm_up():
     detector = TransitionDetector(warmup=5)
-    values = [1.0, 1.1, 0.9, 1.0, 1.05, 1.0, 0.95, 1.02, 0.98, 50.0]
+    values = [1.0, 1.1, 0.9, 1.0, 50.0]
     assert all(detector.update(step, value) is None for step, value in enumerate(values))
 
 
@@ -130,7 +143,14 @@ def test_offline_detection_equals_online_updates():
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"threshold": -1}, "threshold"), ({"warmup": 2}, "warmup"), ({"window": 3}, "window"), ({"min_relative_change": float("nan")}, "min_relative_change")],
+    [
+        ({"threshold": -1}, "threshold"),
+        ({"warmup": 2}, "warmup"),
+        ({"window": 3}, "window"),
+        ({"min_relative_change": float("nan")}, "min_relative_change"),
+        ({"settle_points": 10}, "settle_points"),
+        ({"settle_fraction": -0.1}, "settle_fraction"),
+    ],
 )
 def test_bad_detector_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -158,14 +178,16 @@ def test_transition_monitor_alerts_everywhere_it_should(tmp_path):
     monitor = TransitionMonitor(monitor="signal", on_transition=lambda trainer, module, t: seen.append((trainer.global_step, t)), save_checkpoint=True)
     pl.seed_everything(0)
     trainer = make_trainer(tmp_path, [monitor], logger=logger, max_steps=45, log_every_n_steps=1)
-    with pytest.warns(TransitionWarning, match="step 31: signal"):
+    with pytest.warns(TransitionWarning, match="step 31: signal .* onset"):
         trainer.fit(JumpingSignal(), regression_loader())
-    assert [t.step for t in monitor.transitions] == [31]  # logged during step 30's batch, read after its optimizer step
-    assert seen == [(31, monitor.transitions[0])]
-    assert os.path.exists(tmp_path / "tm" / "version_0" / "checkpoints" / "transition-signal-step=31.ckpt")
+    # logged during step 30's batch, read after its optimizer step; the end follows once the signal has settled
+    assert [(t.step, t.is_onset) for t in monitor.transitions] == [(31, True), (33, False)]
+    assert seen == [(t.step, t) for t in monitor.transitions]
+    for step in (31, 33):
+        assert os.path.exists(tmp_path / "tm" / "version_0" / "checkpoints" / f"transition-signal-step={step}.ckpt")
     events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "tensors": 0})
     events.Reload()
-    assert [e.step for e in events.Scalars("transitions/signal")] == [31]
+    assert [e.step for e in events.Scalars("transitions/signal")] == [31, 33]
     assert "transitions/signal/text_summary" in events.Tags()["tensors"]
     restored = TransitionMonitor(monitor="signal")
     restored.load_state_dict(monitor.state_dict())

@@ -62,11 +62,6 @@ class EstimateSchedule:
     def elapsed(self) -> float:
         return self._elapsed_before + time.perf_counter() - self._clock_start
 
-    def share(self) -> float:
-        """The monitor's share of wall time so far."""
-        elapsed = self.elapsed()
-        return self.own_seconds / elapsed if elapsed > 0 else 0.0
-
     def is_due(self, step: int) -> bool:
         if self.every_n_steps is not None:
             return step % self.every_n_steps == 0

@@ -181,8 +181,7 @@ class Stream(IterableDataset):
         self.loader = loader
 
     def __iter__(self):
-        for x, y in self.loader.dataset:
-            yield x, y
+        yield from self.loader.dataset
 
 
 def test_iterable_training_data_uses_a_buffer_of_recent_batches(tmp_path):

@@ -6,7 +6,6 @@ import os
 import lightning.pytorch as pl
 import numpy as np
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from lightning.pytorch.loggers import TensorBoardLogger

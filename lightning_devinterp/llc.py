@@ -34,7 +34,7 @@ _fallback_reasons_logged: set[str] = set()
 
 
 class LLCEstimationError(RuntimeError):
-    """Every chain diverged, so there is no estimate."""
+    """No estimate could be made: every chain diverged, or (in the monitor) there was no data or another rank failed."""
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_devinterp.alerts import TransitionHook, announce_transition
@@ -18,8 +19,8 @@ class TransitionMonitor(Callback):
     The metric is read after each optimizer step and after each validation run, once per step; steps where it was
     not logged are skipped. Alerts are those of :class:`LLCMonitor`: a :class:`TransitionWarning`, a WARNING on the
     ``lightning_devinterp`` logger, a ``transitions/<monitor>`` scalar and a TensorBoard text entry, an optional
-    checkpoint and the ``on_transition(trainer, pl_module, transition)`` hook. Every rank sees the same
-    (synchronised) metric value only if it is logged with ``sync_dist=True``; log it so under DDP.
+    checkpoint and the ``on_transition(trainer, pl_module, transition)`` hook. Under DDP the detector sees the mean
+    of the metric over ranks (one small all-reduce per step), so every rank makes the same decision.
     """
 
     def __init__(
@@ -51,6 +52,10 @@ class TransitionMonitor(Callback):
         if trainer.fast_dev_run or trainer.sanity_checking or trainer.global_step <= self._last_step:
             return
         value = trainer.callback_metrics.get(self.monitor)
+        if trainer.world_size > 1:
+            present_and_value = torch.tensor([0.0 if value is None else 1.0, 0.0 if value is None else float(value)])
+            present, total = trainer.strategy.reduce(present_and_value.to(trainer.strategy.root_device), reduce_op="sum").tolist()
+            value = total / present if present == trainer.world_size else None
         if value is None:
             return
         self._last_step = trainer.global_step

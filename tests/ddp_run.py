@@ -7,16 +7,17 @@ import sys
 import lightning.pytorch as pl
 
 sys.path.insert(0, os.path.dirname(__file__))
-from lightning_devinterp import LLCMonitor  # noqa: E402
+from lightning_devinterp import LLCMonitor, TransitionMonitor  # noqa: E402
 from lightning_helpers import Regressor, regression_loader  # noqa: E402
 
 if __name__ == "__main__":
     out_dir = sys.argv[1]
     pl.seed_everything(0)
-    monitor = LLCMonitor(every_n_steps=4, num_chains=3, num_draws=10, num_burnin_steps=3)
+    monitor = LLCMonitor(every_n_steps=6, num_chains=3, num_draws=10, num_burnin_steps=3)
+    watcher = TransitionMonitor(monitor="train_loss")
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_steps=8, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=out_dir, callbacks=[monitor],
+        accelerator="cpu", devices=2, strategy="ddp", max_steps=12, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=out_dir, callbacks=[monitor, watcher],
     )
     trainer.fit(Regressor(), regression_loader())
     record = {
@@ -25,6 +26,7 @@ if __name__ == "__main__":
         "llc": [r.llc_mean for r in monitor.history],
         "per_chain": [r.result.llc_per_chain.tolist() for r in monitor.history],
         "callback_metric": float(trainer.callback_metrics["llc/mean"]),
+        "loss_detector": watcher.detector.state_dict(),
     }
     with open(os.path.join(out_dir, f"rank{trainer.global_rank}.json"), "w") as handle:
         json.dump(record, handle)

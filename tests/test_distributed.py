@@ -12,9 +12,11 @@ def test_ddp_splits_chains_and_every_rank_holds_the_same_history(tmp_path):
     completed = subprocess.run([sys.executable, script, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[0]["steps"] == ranks[1]["steps"] == [0, 4, 8]
+    assert ranks[0]["steps"] == ranks[1]["steps"] == [0, 6, 12]
     assert ranks[0]["llc"] == ranks[1]["llc"]
     assert ranks[0]["callback_metric"] == ranks[1]["callback_metric"]
+    assert ranks[0]["loss_detector"] == ranks[1]["loss_detector"]  # TransitionMonitor decides from the mean over ranks
+    assert ranks[0]["loss_detector"]["segment"]
     for per_chain in ranks[0]["per_chain"]:
         assert len(per_chain) == 3  # 2 chains on rank 0 and 1 on rank 1, gathered
         assert len(set(per_chain)) == 3  # distinct seeds per rank: no duplicated chains

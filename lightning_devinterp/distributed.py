@@ -21,15 +21,16 @@ def derive_seed(seed: int, step: int, rank: int) -> int:
 def gather_runs(strategy: Strategy, run: ChainRun | None, counts: list[int], num_steps: int) -> ChainRun | None:
     """Every rank's chains, concatenated in rank order, on every rank; None everywhere if any rank failed.
 
-    Each rank contributes a ``[max(counts), num_steps]`` block padded with NaN, so that the collective has the
+    Each rank contributes a ``[max(counts), num_steps + 1]`` block (losses, then acceptance) padded with NaN, so that the collective has the
     same shape on all ranks; a rank whose sampling raised passes ``run=None`` and still joins the collective,
     which keeps the others from waiting forever.
     """
     width = max(counts)
-    block = torch.full((width, num_steps), float("nan"), dtype=torch.float64)
+    block = torch.full((width, num_steps + 1), float("nan"), dtype=torch.float64)
     header = torch.tensor([0.0 if run is None else 1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
     if run is not None:
-        block[: run.step_losses.shape[0]] = run.step_losses
+        block[: run.step_losses.shape[0], :num_steps] = run.step_losses
+        block[: run.step_losses.shape[0], num_steps] = run.acceptance
         header[1:] = torch.tensor([run.init_loss, run.nbeta, float(run.vectorized)], dtype=torch.float64)
     device = strategy.root_device
     blocks = strategy.all_gather(block.to(device)).cpu()
@@ -37,9 +38,10 @@ def gather_runs(strategy: Strategy, run: ChainRun | None, counts: list[int], num
     if not bool((headers[:, 0] == 1.0).all()):
         return None
     assert run is not None
-    step_losses = torch.cat([blocks[rank, :count] for rank, count in enumerate(counts)])
+    rows = torch.cat([blocks[rank, :count] for rank, count in enumerate(counts)])
     return ChainRun(
-        step_losses=step_losses,
+        step_losses=rows[:, :num_steps],
+        acceptance=rows[:, num_steps],
         init_loss=float(headers[0, 1]),
         nbeta=float(headers[0, 2]),
         num_samples=run.num_samples,

@@ -16,6 +16,10 @@ DRIFT_T_STAT = 4.0
 DRIFT_RELATIVE = 0.25
 """...and at least this share of the mean loss increase over L(w*), so that tiny but consistent drifts pass."""
 
+MIN_ACCEPTANCE = 0.8
+"""Below this mean MALA acceptance the SGLD discretization is too coarse to trust (practitioners aim near 0.9).
+On L = ½ Σ h w², chains at acceptance 0.78 and 0.70 overstate the continuous-time λ by 43% and 144%."""
+
 
 def first_failures(step_losses: Tensor) -> dict[int, int]:
     """For each chain whose loss became NaN/Inf, the first SGLD step (0-based) where it did."""
@@ -35,6 +39,7 @@ def diagnose(
     llc_mean: float,
     failures: dict[int, int],
     *,
+    acceptance: Tensor,
     epsilon: float,
     num_burnin_steps: int,
     num_steps_bw_draws: int,
@@ -60,6 +65,12 @@ def diagnose(
         findings.append(
             f"{share_below:.0%} of the draws lie below L(w*) = {init_loss:.4g}: w* is not a local minimum of the loss "
             "(the sampler keeps descending); train longer, increase gamma, or decrease epsilon."
+        )
+    mean_acceptance = float(acceptance.nanmean())
+    if mean_acceptance < MIN_ACCEPTANCE:
+        findings.append(
+            f"the mean MALA acceptance of the SGLD proposals is {mean_acceptance:.2f} (healthy chains sit near 0.9): the "
+            f"step is too coarse for this loss; try a smaller epsilon than {epsilon:g}."
         )
     if llc_mean < 0:
         findings.append(

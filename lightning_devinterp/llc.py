@@ -22,13 +22,16 @@ from lightning_devinterp._rng import preserved_rng_states
 from lightning_devinterp.data import MinibatchSource
 from lightning_devinterp.functional import FunctionalLoss, LossFn, quiet_evaluation, resolve_loss_fn
 from lightning_devinterp.health import diagnose, first_failures
-from lightning_devinterp.kernels import SAMPLERS, Kernel, Params, make_kernel
+from lightning_devinterp.kernels import SAMPLERS, Kernel, Params, make_kernel, mala_log_acceptance
 from lightning_devinterp.params import ParamSelector, select_parameter_names
 
 log = logging.getLogger(__name__)
 
 _ALL_DEAD_CHECK_EVERY = 32
 """Steps between checks (a device sync) for whether every chain has diverged, to stop early."""
+
+ACCEPTANCE_EVERY = 20
+"""Draw steps between MALA acceptance checks; each costs one extra forward and backward pass (about 5% in all)."""
 
 _fallback_reasons_logged: set[str] = set()
 
@@ -41,14 +44,16 @@ class LLCEstimationError(RuntimeError):
 class LLCResult:
     """One LLC estimate: ``llc = nbeta * (mean of the draws - L(w*))`` per chain, then mean and std over chains.
 
-    Chains that diverged are excluded from ``llc_mean``/``llc_std`` and hold NaN in ``llc_per_chain``;
-    ``loss_trace`` holds NaN from the draw where they failed. ``llc_std`` is NaN with fewer than two chains left.
+    Chains that diverged are excluded from ``llc_mean``/``llc_std`` and hold NaN in ``llc_per_chain`` and
+    ``acceptance``; ``loss_trace`` holds NaN from the draw where they failed. ``llc_std`` is NaN with fewer than two
+    chains left. ``acceptance`` is each chain's mean MALA acceptance probability of its SGLD proposals.
     """
 
     llc_mean: float
     llc_std: float
     llc_per_chain: Tensor
     loss_trace: Tensor
+    acceptance: Tensor
     init_loss: float
     nbeta: float
     warnings: list[str] = field(default_factory=list)
@@ -59,6 +64,11 @@ class LLCResult:
     num_samples: int = 0
     seed: int = 0
     vectorized: bool = True
+
+    @property
+    def acceptance_mean(self) -> float:
+        """Mean MALA acceptance probability of the surviving chains' proposals; healthy chains sit near 0.9."""
+        return float(self.acceptance.nanmean())
 
     @property
     def num_chains_used(self) -> int:
@@ -181,11 +191,14 @@ def _run_chains(
     *,
     num_chains: int,
     num_steps: int,
+    num_burnin_steps: int,
     seed: int,
     device: torch.device,
     vectorize: bool | Literal["auto"],
-) -> tuple[Tensor, bool]:
-    """Run all chains from w*; return the minibatch loss at every step, ``[num_chains, num_steps]``, and whether vmap ran.
+) -> tuple[Tensor, Tensor, bool]:
+    """Run all chains from w*; return the minibatch loss at every step ``[num_chains, num_steps]``, each chain's mean
+    MALA acceptance probability ``[num_chains]`` (checked every :data:`ACCEPTANCE_EVERY` draw steps on the same
+    minibatch), and whether vmap ran.
 
     Each step draws, in this order, the minibatch indices ``[num_chains, batch_size]`` from a CPU generator and one
     standard-normal tensor ``[num_chains, number of sampled weights]``, split across the sampled parameters, from a
@@ -203,6 +216,7 @@ def _run_chains(
     state = kernel.init(position)
     sizes = [w[0].numel() for w in position.values()]
     step_losses = torch.empty(num_chains, num_steps, device=device)
+    acceptances = []
     with torch.no_grad():
         for step in range(num_steps):
             batch = source.sample(index_generator, num_chains)
@@ -222,11 +236,19 @@ def _run_chains(
             if values.dim() != 1:
                 raise ValueError(f"loss_fn must return a scalar mean loss, got shape {tuple(values.shape[1:])}.")
             step_losses[:, step] = values
-            position, state = kernel.step(position, state, grads, stacked_anchor, noise)
+            proposal, state = kernel.step(position, state, grads, stacked_anchor, noise)
+            if step >= num_burnin_steps and (step - num_burnin_steps) % ACCEPTANCE_EVERY == 0:
+                proposal_grads, proposal_values = _grads_and_losses(chain_losses, proposal, batch)
+                log_ratio = mala_log_acceptance(
+                    kernel, position, proposal, values, proposal_values, grads, proposal_grads, stacked_anchor, kernel.preconditioner(state)
+                )
+                acceptances.append(log_ratio.clamp(max=0.0).exp())
+            position = proposal
             if (step + 1) % _ALL_DEAD_CHECK_EVERY == 0 and not bool(torch.isfinite(step_losses[:, : step + 1]).all(dim=1).any()):
                 step_losses[:, step + 1 :] = float("nan")
                 break
-    return step_losses, vectorized
+    acceptance = torch.stack(acceptances).nanmean(dim=0) if acceptances else torch.full((num_chains,), float("nan"), device=device)
+    return step_losses, acceptance, vectorized
 
 
 def estimate_llc(
@@ -313,6 +335,7 @@ class ChainRun:
     """Raw output of :func:`run_chains`: the minibatch loss of every chain at every SGLD step, and what it depends on."""
 
     step_losses: Tensor
+    acceptance: Tensor
     init_loss: float
     nbeta: float
     num_samples: int
@@ -342,12 +365,13 @@ def run_chains(
         loss = FunctionalLoss(model, loss_fn, sampled_names, source.device)
         init_loss = _mean_init_loss(loss, source, chunk_size=source.batch_size * num_chains)
         kernel = make_kernel(config.sampler, epsilon=config.epsilon, nbeta=nbeta, gamma=config.gamma)
-        step_losses, vectorized = _run_chains(
+        step_losses, acceptance, vectorized = _run_chains(
             loss,
             kernel,
             source,
             num_chains=num_chains,
             num_steps=config.num_steps,
+            num_burnin_steps=config.num_burnin_steps,
             seed=seed,
             device=source.device,
             vectorize=config.vectorize,
@@ -356,7 +380,9 @@ def run_chains(
         "%d chains x %d steps (%s) in %.2fs", num_chains, config.num_steps, "vmap" if vectorized else "sequential",
         time.perf_counter() - started,
     )
-    return ChainRun(step_losses.detach().double().cpu(), init_loss, nbeta, source.num_samples, seed, vectorized)
+    return ChainRun(
+        step_losses.detach().double().cpu(), acceptance.detach().double().cpu(), init_loss, nbeta, source.num_samples, seed, vectorized
+    )
 
 
 def summarize_chains(run: ChainRun, config: SamplingConfig) -> LLCResult:
@@ -376,11 +402,14 @@ def summarize_chains(run: ChainRun, config: SamplingConfig) -> LLCResult:
         )
     llc_mean = float(llc_per_chain[alive].mean())
     llc_std = float(llc_per_chain[alive].std()) if len(alive) > 1 else float("nan")
+    acceptance = run.acceptance.clone()
+    acceptance[list(failures)] = float("nan")
     findings = diagnose(
         draws,
         run.init_loss,
         llc_mean,
         failures,
+        acceptance=acceptance,
         epsilon=config.epsilon,
         num_burnin_steps=config.num_burnin_steps,
         num_steps_bw_draws=config.num_steps_bw_draws,
@@ -390,6 +419,7 @@ def summarize_chains(run: ChainRun, config: SamplingConfig) -> LLCResult:
         llc_std=llc_std,
         llc_per_chain=llc_per_chain.float(),
         loss_trace=draws.float(),
+        acceptance=acceptance.float(),
         init_loss=run.init_loss,
         nbeta=run.nbeta,
         warnings=findings,

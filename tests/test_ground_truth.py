@@ -42,7 +42,8 @@ def test_quadratic_matches_exact_sgld_formula_within_3_percent(h, nbeta, gamma, 
     )
     expected = exact_quadratic_llc(h, nbeta, gamma, epsilon)
     assert result.llc_mean == pytest.approx(expected, rel=0.03)
-    assert result.healthy, result.warnings
+    # Deliberately coarse steps: the discrete chain is exact, but far from the continuous-time λ, and says so.
+    assert any("MALA acceptance" in w for w in result.warnings)
 
 
 def test_regular_linear_regression_is_half_the_parameter_count():

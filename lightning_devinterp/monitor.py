@@ -84,7 +84,8 @@ class LLCMonitor(Callback):
     silenced (modules with manual optimization must pass ``loss_fn``).
 
     Logged at ``trainer.global_step`` to every logger: ``llc/mean``, ``llc/std``, ``llc/lower``, ``llc/upper``
-    (mean ± std), ``llc/init_loss``, ``llc/nbeta``, ``llc/healthy`` (1 or 0) and ``llc/seconds``. ``llc/mean``
+    (mean ± std), ``llc/init_loss``, ``llc/nbeta``, ``llc/acceptance`` (mean MALA acceptance), ``llc/healthy``
+    (1 or 0) and ``llc/seconds``. ``llc/mean``
     is also in ``trainer.callback_metrics`` (for EarlyStopping/ModelCheckpoint) and the progress bar shows ``llc``.
     With a TensorBoardLogger a custom-scalars layout ("devinterp") and the configuration as text are written once.
 
@@ -373,6 +374,7 @@ class LLCMonitor(Callback):
                 "llc/upper": record.llc_mean + record.llc_std,
                 "llc/init_loss": result.init_loss,
                 "llc/nbeta": result.nbeta,
+                "llc/acceptance": result.acceptance_mean,
                 "llc/healthy": float(result.healthy),
                 "llc/seconds": record.seconds,
             },

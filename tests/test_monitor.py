@@ -60,7 +60,7 @@ def test_tensorboard_gets_every_estimate_at_its_step_and_the_layout(tmp_path):
     train(tmp_path, [monitor], logger=logger, max_steps=10, log_every_n_steps=50)
     events = tensorboard_scalars(logger.log_dir)
     tags = events.Tags()
-    for key in ("llc/mean", "llc/std", "llc/lower", "llc/upper", "llc/init_loss", "llc/nbeta", "llc/healthy", "llc/seconds"):
+    for key in ("llc/mean", "llc/std", "llc/lower", "llc/upper", "llc/init_loss", "llc/nbeta", "llc/acceptance", "llc/healthy", "llc/seconds"):
         assert key in tags["scalars"], key
     steps = [event.step for event in events.Scalars("llc/mean")]
     assert steps == [0, 3, 6, 9, 10]

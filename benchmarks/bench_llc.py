@@ -2,7 +2,8 @@
 
 Work: a 20-64-64-1 ReLU MLP, 1000 samples, batch 64, 4 chains x 200 SGLD steps (no burn-in, so 800 chain steps),
 on one CPU thread. Compared with 800 plain SGD steps on batches of 64 (forward, backward, step), the sequential
-fallback of the same estimate, and devinterp's ``llc()`` on the same work when devinterp is installed.
+fallback of the same estimate, devinterp's ``llc()`` on the same work when devinterp is installed, and the cost
+of ``calibrate`` over its default epsilon grid (with 50 burn-in steps, so that chains can level off).
 Every timed call is run once beforehand, so first-call costs (vmap tracing set-up, allocator) are reported
 separately and not mixed into the steady-state figures.
 
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from lightning_devinterp import estimate_llc
+from lightning_devinterp import calibrate, estimate_llc
 
 NUM_SAMPLES, BATCH_SIZE, NUM_STEPS = 1000, 64, 200
 
@@ -116,6 +117,11 @@ def main() -> None:
             _, devinterp_time = best_time(reference, 1, device)
             print(f"  devinterp llc()            {devinterp_time * 1e3:8.1f} ms")
             print(f"  devinterp / vmap           {devinterp_time / vmap_time:8.2f} x   (target >= 5)")
+        started = time.perf_counter()
+        calibration = calibrate(model, data, mse, **{k: v for k, v in common.items() if k != "num_burnin_steps"}, num_burnin_steps=50)
+        seconds = time.perf_counter() - started
+        tried = sum(row["ran"] for row in calibration.table)
+        print(f"  calibrate (default grid)   {seconds * 1e3:8.1f} ms   ({tried} estimates; {calibration.message[:60]}...)")
 
 
 if __name__ == "__main__":

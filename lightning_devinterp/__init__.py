@@ -2,6 +2,7 @@
 
 import logging
 
+from lightning_devinterp.calibration import CalibrationChoice, CalibrationResult, calibrate
 from lightning_devinterp.llc import LLCEstimationError, LLCResult, estimate_llc
 from lightning_devinterp.monitor import LLCEstimateWarning, LLCMonitor, LLCRecord
 from lightning_devinterp.transition_monitor import TransitionMonitor
@@ -12,6 +13,8 @@ __version__ = "0.1.0"
 logging.getLogger("lightning_devinterp").addHandler(logging.NullHandler())
 
 __all__ = [
+    "CalibrationChoice",
+    "CalibrationResult",
     "LLCEstimateWarning",
     "LLCEstimationError",
     "LLCMonitor",
@@ -22,6 +25,7 @@ __all__ = [
     "TransitionMonitor",
     "TransitionWarning",
     "__version__",
+    "calibrate",
     "detect_transitions",
     "estimate_llc",
 ]

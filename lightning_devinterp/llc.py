@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import secrets
@@ -47,6 +48,7 @@ class LLCResult:
     Chains that diverged are excluded from ``llc_mean``/``llc_std`` and hold NaN in ``llc_per_chain`` and
     ``acceptance``; ``loss_trace`` holds NaN from the draw where they failed. ``llc_std`` is NaN with fewer than two
     chains left. ``acceptance`` is each chain's mean MALA acceptance probability of its SGLD proposals.
+    ``calibration`` is the :class:`~lightning_devinterp.CalibrationResult` behind ``epsilon="auto"``, else None.
     """
 
     llc_mean: float
@@ -64,6 +66,7 @@ class LLCResult:
     num_samples: int = 0
     seed: int = 0
     vectorized: bool = True
+    calibration: Any = None
 
     @property
     def acceptance_mean(self) -> float:
@@ -107,7 +110,7 @@ class SamplingConfig:
     num_draws: int = 200
     num_burnin_steps: int = 100
     num_steps_bw_draws: int = 1
-    epsilon: float = 1e-4
+    epsilon: float | Literal["auto"] = 1e-4
     gamma: float = 100.0
     nbeta: float | None = None
     batch_size: int | None = None
@@ -120,7 +123,8 @@ class SamplingConfig:
         _check_count("num_draws", self.num_draws, 1)
         _check_count("num_burnin_steps", self.num_burnin_steps, 0)
         _check_count("num_steps_bw_draws", self.num_steps_bw_draws, 1)
-        _check_positive("epsilon", self.epsilon)
+        if self.epsilon != "auto":
+            _check_positive("epsilon", self.epsilon)
         _check_positive("gamma", self.gamma, allow_zero=True)
         if self.nbeta is not None:
             _check_positive("nbeta", self.nbeta)
@@ -260,7 +264,7 @@ def estimate_llc(
     num_draws: int = 200,
     num_burnin_steps: int = 100,
     num_steps_bw_draws: int = 1,
-    epsilon: float = 1e-4,
+    epsilon: float | Literal["auto"] = 1e-4,
     gamma: float = 100.0,
     nbeta: float | None = None,
     batch_size: int | None = None,
@@ -288,7 +292,9 @@ def estimate_llc(
             log-likelihood: for Gaussian regression with unit noise use ``0.5 * ((y - f) ** 2).sum(-1).mean()``,
             not ``mse_loss`` (which also averages over output dimensions and so rescales nbeta).
         num_chains, num_draws, num_burnin_steps, num_steps_bw_draws: chain shape.
-        epsilon: SGLD step size. gamma: localization strength.
+        epsilon: SGLD step size, or ``"auto"``: :func:`~lightning_devinterp.calibrate` with these settings picks it
+            (the result is the estimate at the chosen epsilon, with the calibration in ``result.calibration``).
+        gamma: localization strength.
         nbeta: ``n * beta``; default ``n / log(n)`` with n the number of samples in the dataset.
         batch_size: SGLD minibatch size; defaults to the DataLoader's.
         params: sample only these parameters (names, module prefixes or glob patterns), freezing the rest at w*
@@ -326,6 +332,13 @@ def estimate_llc(
     seed = secrets.randbits(63) if seed is None else int(seed)
     with preserved_rng_states():
         source = MinibatchSource(data, batch_size, device)
+    if epsilon == "auto":
+        from lightning_devinterp.calibration import calibrate_on_source
+
+        calibration, results = calibrate_on_source(model, loss_fn, source, config, seed=seed)
+        if calibration.best is None:
+            raise LLCEstimationError(calibration.message)
+        return dataclasses.replace(results[(calibration.best.epsilon, calibration.best.nbeta)], calibration=calibration)
     run = run_chains(model, loss_fn, source, config, num_chains=num_chains, seed=seed)
     return summarize_chains(run, config)
 
@@ -358,6 +371,8 @@ def run_chains(
     ``forward_context`` wraps every loss evaluation (a Trainer's autocast, for instance). ``num_chains`` may differ
     from ``config.num_chains`` when chains are split across processes.
     """
+    if config.epsilon == "auto":
+        raise ValueError("run_chains needs a numeric epsilon; resolve epsilon='auto' with calibrate() first.")
     sampled_names = select_parameter_names(model, config.params)
     started = time.perf_counter()
     with preserved_rng_states(), quiet_evaluation(model), forward_context():

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_devinterp._rng import preserved_rng_states
 from lightning_devinterp.alerts import TransitionHook, announce_transition, log_scalars, tensorboard_loggers
+from lightning_devinterp.calibration import CalibrationResult, calibrate_on_source
 from lightning_devinterp.data import MinibatchSource
 from lightning_devinterp.distributed import chains_per_rank, derive_seed, gather_runs
 from lightning_devinterp.functional import LossFn, resolve_loss_fn
@@ -75,7 +76,11 @@ class LLCMonitor(Callback):
     ``max_overhead`` mode). Under ``fast_dev_run`` the monitor does nothing.
 
     Sampling arguments are those of :func:`~lightning_devinterp.estimate_llc`; the defaults here are lighter
-    (100 draws after 50 burn-in steps) because estimates repeat. ``nbeta`` defaults to ``n / log n`` with n the
+    (100 draws after 50 burn-in steps) because estimates repeat. ``epsilon="auto"`` runs
+    :func:`~lightning_devinterp.calibrate` at the first estimate and keeps its choice for the whole run (logged as
+    ``llc/epsilon``, with the calibration table as TensorBoard text, and kept in checkpoints); while no epsilon
+    qualifies (early in training w* is rarely near a minimum) the estimate is skipped with a warning and
+    calibration is retried at the next one. ``nbeta`` defaults to ``n / log n`` with n the
     training set size; for an iterable training set without a length, pass ``nbeta``.
 
     Data: by default a private view of the training dataset (its collate_fn, the training batch size, its own
@@ -84,8 +89,8 @@ class LLCMonitor(Callback):
     silenced (modules with manual optimization must pass ``loss_fn``).
 
     Logged at ``trainer.global_step`` to every logger: ``llc/mean``, ``llc/std``, ``llc/lower``, ``llc/upper``
-    (mean ± std), ``llc/init_loss``, ``llc/nbeta``, ``llc/acceptance`` (mean MALA acceptance), ``llc/healthy``
-    (1 or 0) and ``llc/seconds``. ``llc/mean``
+    (mean ± std), ``llc/init_loss``, ``llc/nbeta``, ``llc/epsilon``, ``llc/acceptance`` (mean MALA acceptance),
+    ``llc/healthy`` (1 or 0) and ``llc/seconds``. ``llc/mean``
     is also in ``trainer.callback_metrics`` (for EarlyStopping/ModelCheckpoint) and the progress bar shows ``llc``.
     With a TensorBoardLogger a custom-scalars layout ("devinterp") and the configuration as text are written once.
 
@@ -107,7 +112,7 @@ class LLCMonitor(Callback):
         num_draws: int = 100,
         num_burnin_steps: int = 50,
         num_steps_bw_draws: int = 1,
-        epsilon: float = 1e-4,
+        epsilon: float | Literal["auto"] = 1e-4,
         gamma: float = 100.0,
         nbeta: float | None = None,
         sampler: str = "sgld",
@@ -171,6 +176,13 @@ class LLCMonitor(Callback):
         self._buffer: deque[Any] | None = None
         self._resolved_loss: LossFn | None = None
         self._nbeta: float | None = None
+        self._epsilon: float | None = None if epsilon == "auto" else float(epsilon)
+        self.calibration: CalibrationResult | None = None
+
+    @property
+    def epsilon(self) -> float | None:
+        """The SGLD step size in use; with ``epsilon="auto"``, None until calibration has chosen one."""
+        return self._epsilon
 
     @property
     def state_key(self) -> str:
@@ -307,8 +319,38 @@ class LLCMonitor(Callback):
         batch_size = self.config.batch_size or int(torch.utils._pytree.tree_flatten(self._buffer[0])[0][0].shape[0])
         return MinibatchSource(replay, batch_size, pl_module.device)
 
-    def _sample(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> LLCResult:
+    def _calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        """Resolve ``epsilon="auto"`` once: calibrate on every rank alike, then take rank zero's choice everywhere."""
         config = dataclasses.replace(self.config, nbeta=self._nbeta)
+        with preserved_rng_states():
+            source = self._data_source(pl_module)
+        assert self._resolved_loss is not None
+        calibration, _ = calibrate_on_source(
+            pl_module,
+            self._resolved_loss,
+            source,
+            config,
+            seed=derive_seed(self.seed, step, 0),
+            forward_context=trainer.strategy.precision_plugin.forward_context,
+        )
+        chosen = calibration.best.epsilon if calibration.best is not None else 0.0
+        if trainer.world_size > 1:
+            chosen = float(trainer.strategy.broadcast(chosen, src=0))
+        if not chosen:
+            raise LLCEstimationError(f"epsilon='auto' at step {step}: {calibration.message} Calibration is retried at the next estimate.")
+        self._epsilon, self.calibration = chosen, calibration
+        rank_zero_info(f"LLCMonitor: epsilon = {chosen:g}, chosen at step {step} in {calibration.seconds:.1f}s: {calibration.message}")
+        rows = sorted(calibration.table, key=lambda row: (row["nbeta"], row["epsilon"]))
+        table = "| epsilon | nbeta | llc | acceptance | healthy | stable |\n|---|---|---|---|---|---|\n" + "\n".join(
+            f"| {r['epsilon']:.3g} | {r['nbeta']:.4g} | {r['llc_mean']:.4g} | {r['acceptance']:.3f} | {r['healthy']} | {r['stable']} |" for r in rows
+        )
+        for logger in tensorboard_loggers(trainer):
+            logger.experiment.add_text("devinterp/calibration", f"{calibration.message}\n\n{table}", global_step=step)
+
+    def _sample(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> LLCResult:
+        if self._epsilon is None:
+            self._calibrate(trainer, pl_module, step)
+        config = dataclasses.replace(self.config, nbeta=self._nbeta, epsilon=self._epsilon)
         counts = chains_per_rank(config.num_chains, trainer.world_size)
         local, error = None, None
         try:
@@ -375,6 +417,7 @@ class LLCMonitor(Callback):
                 "llc/init_loss": result.init_loss,
                 "llc/nbeta": result.nbeta,
                 "llc/acceptance": result.acceptance_mean,
+                "llc/epsilon": result.epsilon,
                 "llc/healthy": float(result.healthy),
                 "llc/seconds": record.seconds,
             },
@@ -417,6 +460,7 @@ class LLCMonitor(Callback):
             "last_step": self._last_step,
             "schedule": self.schedule.state_dict(),
             "detector": self.detector.state_dict() if self.detector is not None else None,
+            "epsilon": self._epsilon,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -426,6 +470,8 @@ class LLCMonitor(Callback):
         self.schedule.load_state_dict(state_dict["schedule"])
         if self.detector is not None and state_dict["detector"] is not None:
             self.detector.load_state_dict(state_dict["detector"])
+        if self.config.epsilon == "auto" and state_dict.get("epsilon") is not None:
+            self._epsilon = state_dict["epsilon"]
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._source = None

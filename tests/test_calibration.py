@@ -1,0 +1,131 @@
+"""calibrate() and epsilon="auto": ground-truth accuracy, divergence exclusion, transparency, failure advice."""
+
+import random
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import lightning_devinterp.calibration as calibration_module
+from lightning_devinterp import LLCEstimationError, LLCMonitor, calibrate, estimate_llc
+from lightning_devinterp.theory import aoyagi_lambda
+from lightning_helpers import make_trainer
+from models import Potential, deep_linear_network, gaussian_nll, set_to_rank, teacher_data
+
+
+def test_auto_epsilon_recovers_half_the_parameter_count_of_linear_regression():
+    generator = torch.Generator().manual_seed(1)
+    model = deep_linear_network([3, 2])
+    data = teacher_data(model, 5000, generator, noise=0.0)
+    result = estimate_llc(
+        model, data, gaussian_nll, batch_size=250, gamma=1.0, num_chains=4, num_draws=400, num_burnin_steps=200, seed=0, epsilon="auto"
+    )
+    assert result.llc_mean == pytest.approx(6 / 2, rel=0.10)
+    assert result.calibration is not None and result.epsilon == result.calibration.best.epsilon
+    assert result.healthy and result.acceptance_mean >= 0.95
+
+
+@pytest.mark.parametrize(("widths", "rank"), [([5, 3, 5], 0), ([2, 2, 2], 1)])
+def test_auto_epsilon_matches_aoyagi_within_15_percent(widths, rank):
+    generator = torch.Generator().manual_seed(sum(widths) + rank)
+    network = deep_linear_network(widths)
+    set_to_rank(network, rank, generator)
+    data = teacher_data(network, 20000, generator, noise=0.0)
+    result = estimate_llc(
+        network, data, gaussian_nll, batch_size=500, gamma=1.0, num_chains=8, num_draws=1000, num_burnin_steps=1000, seed=0, epsilon="auto"
+    )
+    assert result.llc_mean == pytest.approx(aoyagi_lambda(widths, rank), rel=0.15)
+
+
+def test_diverging_epsilons_are_never_chosen():
+    """L = ½ · 10 · |w|² at nbeta = 1000: the SGLD update is unstable for epsilon > 4 / (nbeta h + gamma) ≈ 4e-4."""
+    data = TensorDataset(torch.zeros(16, 1))
+    result = calibrate(
+        Potential(3), data, lambda model, batch: 5.0 * (model.w**2).sum(), nbetas=[1000.0], batch_size=4, gamma=1.0, num_draws=200, seed=0,
+    )
+    diverged = [row["epsilon"] for row in result.table if row["diverged"]]
+    assert diverged and min(diverged) > 4e-4
+    assert result.best is not None and result.best.epsilon < 4 / (1000 * 10 + 1)
+    assert "largest epsilon" in result.best.reason
+    assert any("skipped" in row["warnings"][0] for row in result.table if row["diverged"] and not row["ran"])
+
+
+def test_calibration_leaves_model_and_global_rng_untouched():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.3), nn.Linear(4, 2)).train()
+    data = TensorDataset(torch.randn(64, 3), torch.randn(64, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(5)
+    np.random.seed(5)
+    random.seed(5)
+    states = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    calibrate(model, data, gaussian_nll, epsilons=[1e-4, 1e-3], batch_size=16, num_draws=30, num_burnin_steps=10, seed=0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.training and model[1].training
+    assert torch.equal(torch.get_rng_state(), states[0])
+    assert np.array_equal(np.random.get_state()[1], states[1])
+    assert random.getstate() == states[2]
+
+
+def test_no_healthy_epsilon_gives_advice_and_auto_raises_it():
+    data = TensorDataset(torch.zeros(16, 1))
+    away_from_minimum = lambda model, batch: 0.5 * ((model.w - 3.0) ** 2).sum()  # noqa: E731
+    result = calibrate(Potential(2), data, away_from_minimum, epsilons=[1e-4, 1e-3], batch_size=4, num_draws=100, seed=0)
+    assert result.best is None and "Try" in result.message
+    with pytest.raises(LLCEstimationError, match="Try"):
+        estimate_llc(Potential(2), data, away_from_minimum, epsilon="auto", batch_size=4, num_draws=100, seed=0)
+
+
+def test_bad_grids_are_rejected():
+    data = TensorDataset(torch.zeros(16, 1))
+    with pytest.raises(ValueError, match="epsilons"):
+        calibrate(Potential(2), data, lambda m, b: (m.w**2).sum(), epsilons=[1e-3, -1.0], batch_size=4)
+    with pytest.raises(ValueError, match="nbetas"):
+        calibrate(Potential(2), data, lambda m, b: (m.w**2).sum(), nbetas=[0.0], batch_size=4)
+
+
+def test_plot_writes_a_png_and_explains_a_missing_matplotlib(tmp_path, monkeypatch):
+    data = TensorDataset(torch.zeros(16, 1))
+    result = calibrate(Potential(2), data, lambda m, b: 0.5 * (m.w**2).sum(), nbetas=[100.0], epsilons=[1e-3, 1e-2], batch_size=4, num_draws=50, seed=0)
+    path = result.plot(tmp_path / "calibration.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
+    with pytest.raises(ImportError, match=r"lightning-devinterp\[plot\]"):
+        result.plot(tmp_path / "again.png")
+
+
+class LeastSquares(pl.LightningModule):
+    """Linear regression that starts at its least-squares solution and barely moves (lr 1e-6)."""
+
+    def __init__(self, data):
+        super().__init__()
+        self.linear = nn.Linear(3, 2, bias=False)
+        x, y = data.tensors
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.linalg.lstsq(x, y).solution.T)
+
+    def training_step(self, batch, batch_idx):
+        return gaussian_nll(self.linear, batch)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-6)
+
+
+def test_monitor_calibrates_once_and_keeps_epsilon(tmp_path, monkeypatch):
+    generator = torch.Generator().manual_seed(1)
+    data = teacher_data(deep_linear_network([3, 2]), 2000, generator, noise=0.5)
+    calls = []
+    original = calibration_module.calibrate_on_source
+    monkeypatch.setattr("lightning_devinterp.monitor.calibrate_on_source", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monitor = LLCMonitor(every_n_steps=5, epsilon="auto", gamma=1.0, num_draws=100, num_burnin_steps=100)
+    pl.seed_everything(0)
+    make_trainer(tmp_path, [monitor], max_steps=10).fit(LeastSquares(data), DataLoader(data, batch_size=100, shuffle=True))
+    assert len(calls) == 1
+    chosen = monitor.calibration.best.epsilon
+    assert [r.result.epsilon for r in monitor.history] == [chosen] * 3
+    restored = LLCMonitor(every_n_steps=5, epsilon="auto")
+    restored.load_state_dict(monitor.state_dict())
+    assert restored.epsilon == chosen
+    assert LLCMonitor(epsilon="auto").epsilon is None

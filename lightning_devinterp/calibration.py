@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import secrets
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager as ContextManager
@@ -17,18 +16,18 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_devinterp._rng import preserved_rng_states
 from lightning_devinterp.data import MinibatchSource
-from lightning_devinterp.functional import LossFn, resolve_loss_fn
+from lightning_devinterp.functional import LossFn
 from lightning_devinterp.llc import (
     LLCEstimationError,
     LLCResult,
     SamplingConfig,
     default_nbeta,
+    prepare_estimate,
     run_chains,
     summarize_chains,
 )
-from lightning_devinterp.params import ParamSelector, select_parameter_names
+from lightning_devinterp.params import ParamSelector
 
 log = logging.getLogger(__name__)
 
@@ -254,19 +253,12 @@ def calibrate(
         num_draws=num_draws,
         num_burnin_steps=num_burnin_steps,
         num_steps_bw_draws=num_steps_bw_draws,
-        epsilon=1.0,
+        epsilon="auto",
         gamma=gamma,
         batch_size=batch_size,
         params=params,
         sampler=sampler,
         vectorize=vectorize,
     )
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-    loss_fn = resolve_loss_fn(model, loss_fn)
-    select_parameter_names(model, params)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    with preserved_rng_states():
-        source = MinibatchSource(data, batch_size, device)
-    seed = secrets.randbits(63) if seed is None else int(seed)
+    loss_fn, source, seed = prepare_estimate(model, data, loss_fn, config, seed=seed, device=device)
     return calibrate_on_source(model, loss_fn, source, config, seed=seed, epsilons=epsilons, nbetas=nbetas)[0]

@@ -255,6 +255,26 @@ def _run_chains(
     return step_losses, acceptance, vectorized
 
 
+def prepare_estimate(
+    model: nn.Module,
+    data: DataLoader | Dataset,
+    loss_fn: LossFn | None,
+    config: SamplingConfig,
+    *,
+    seed: int | None,
+    device: str | torch.device | None,
+) -> tuple[LossFn, MinibatchSource, int]:
+    """Check the model, resolve the loss and the seed, and read the data: what every public entry point needs first."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    loss_fn = resolve_loss_fn(model, loss_fn)
+    select_parameter_names(model, config.params)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    with preserved_rng_states():
+        source = MinibatchSource(data, config.batch_size, device)
+    return loss_fn, source, secrets.randbits(63) if seed is None else int(seed)
+
+
 def estimate_llc(
     model: nn.Module,
     data: DataLoader | Dataset,
@@ -324,14 +344,7 @@ def estimate_llc(
         sampler=sampler,
         vectorize=vectorize,
     )
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-    loss_fn = resolve_loss_fn(model, loss_fn)
-    select_parameter_names(model, params)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    seed = secrets.randbits(63) if seed is None else int(seed)
-    with preserved_rng_states():
-        source = MinibatchSource(data, batch_size, device)
+    loss_fn, source, seed = prepare_estimate(model, data, loss_fn, config, seed=seed, device=device)
     if epsilon == "auto":
         from lightning_devinterp.calibration import calibrate_on_source
 

@@ -1,0 +1,292 @@
+"""``lightning-devinterp``: plot logged λ̂ runs, and estimate λ̂ over saved checkpoints after the fact."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import importlib
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from lightning_devinterp.llc import LLCEstimationError
+from lightning_devinterp.transitions import Transition, detect_transitions
+
+RESULT_COLUMNS = ["step", "checkpoint", "llc_mean", "llc_std", "init_loss", "acceptance", "healthy", "seconds"]
+
+
+class CLIError(Exception):
+    """A problem with the user's input, reported as one line and a non-zero exit status."""
+
+
+def _import(spec: str) -> Any:
+    """``package.module:attribute`` -> the attribute (the current directory is importable)."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise CLIError(f"expected 'package.module:name', got {spec!r}")
+    if "" not in sys.path:
+        sys.path.insert(0, "")
+    try:
+        return getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise CLIError(f"cannot import {spec}: {error}") from None
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise CLIError("plotting needs matplotlib: pip install 'lightning-devinterp[plot]'") from None
+    return plt
+
+
+# ---- plot ------------------------------------------------------------------------------------------------------
+
+def read_runs(log_dir: Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """Scalars of every TensorBoard run (a folder holding event files) under ``log_dir``, by run and tag."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    if not log_dir.is_dir():
+        raise CLIError(f"no such directory: {log_dir}")
+    run_dirs = sorted({path.parent for path in log_dir.rglob("events.out.tfevents.*")})
+    if not run_dirs:
+        raise CLIError(f"no TensorBoard event files under {log_dir}")
+    runs = {}
+    for run_dir in run_dirs:
+        events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+        events.Reload()
+        runs[str(run_dir.relative_to(log_dir)) or "."] = {
+            tag: [(event.step, event.value) for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]
+        }
+    return runs
+
+
+def _loss_tag(tags: Sequence[str]) -> str | None:
+    for pattern in (r"^train[_/-]?loss(_step)?$", r"^loss$", r".*loss.*"):
+        matches = [tag for tag in tags if re.match(pattern, tag) and not tag.startswith("llc/")]
+        if matches:
+            return sorted(matches)[0]
+    return None
+
+
+def plot_runs(runs: dict[str, dict[str, list[tuple[int, float]]]], output: Path, log_x: bool = False) -> Path:
+    """One panel per run: λ̂ ± std (left axis), the training loss (right axis), transitions as vertical lines."""
+    plt = _pyplot()
+    with_llc = {name: scalars for name, scalars in runs.items() if "llc/mean" in scalars}
+    if not with_llc:
+        raise CLIError("no run has llc/mean scalars (was LLCMonitor attached with a TensorBoardLogger?)")
+    figure, axes = plt.subplots(len(with_llc), 1, figsize=(8, 3.2 * len(with_llc)), squeeze=False)
+    for axis, (name, scalars) in zip(axes[:, 0], with_llc.items()):
+        steps, means = zip(*scalars["llc/mean"])
+        axis.plot(steps, means, color="tab:blue", marker=".", label="λ̂")
+        if "llc/std" in scalars:
+            stds = dict(scalars["llc/std"])
+            axis.fill_between(steps, [m - stds.get(s, 0.0) for s, m in zip(steps, means)],
+                              [m + stds.get(s, 0.0) for s, m in zip(steps, means)], color="tab:blue", alpha=0.2)
+        axis.set_ylabel("λ̂", color="tab:blue")
+        axis.set_title(name)
+        loss_tag = _loss_tag(list(scalars))
+        if loss_tag is not None:
+            loss_axis = axis.twinx()
+            loss_axis.plot(*zip(*scalars[loss_tag]), color="tab:orange", alpha=0.7)
+            loss_axis.set_ylabel(loss_tag, color="tab:orange")
+        for tag, points in scalars.items():
+            if tag.startswith("transitions/"):
+                for step, _ in points:
+                    axis.axvline(step, color="gray", linestyle="--", linewidth=1)
+        if log_x:
+            axis.set_xscale("symlog", linthresh=1)
+        axis.set_xlabel("step")
+    figure.tight_layout()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(output, dpi=120)
+    plt.close(figure)
+    return output
+
+
+def _plot_command(args: argparse.Namespace) -> int:
+    log_dir = Path(args.logdir)
+    output = Path(args.output) if args.output else log_dir / "llc.png"
+    path = plot_runs(read_runs(log_dir), output, log_x=args.log_x)
+    print(f"wrote {path}")
+    return 0
+
+
+# ---- analyze ---------------------------------------------------------------------------------------------------
+
+def _checkpoint_step(path: Path) -> int:
+    match = re.search(r"step=(\d+)", path.name)
+    if match:
+        return int(match.group(1))
+    import torch
+
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
+    except Exception as error:
+        raise CLIError(f"cannot read the step of {path}: {error}") from None
+
+
+def _done_steps(csv_path: Path) -> set[int]:
+    if not csv_path.exists():
+        return set()
+    with csv_path.open() as handle:
+        return {int(row["step"]) for row in csv.DictReader(handle)}
+
+
+def analyze(
+    checkpoint_dir: Path,
+    load_module: Callable[[str], Any],
+    make_data: Callable[[], Any],
+    csv_path: Path,
+    *,
+    loss_fn: Callable | None = None,
+    estimate_kwargs: dict[str, Any],
+    progress: bool = True,
+) -> tuple[list[dict[str, Any]], list[Transition]]:
+    """Estimate λ̂ for each checkpoint in step order, appending to ``csv_path`` as results come (reruns skip them)."""
+    from tqdm import tqdm
+
+    from lightning_devinterp.llc import estimate_llc
+
+    if not checkpoint_dir.is_dir():
+        raise CLIError(f"no such directory: {checkpoint_dir}")
+    checkpoints = sorted(((_checkpoint_step(path), path) for path in checkpoint_dir.rglob("*.ckpt")), key=lambda item: item[0])
+    if not checkpoints:
+        raise CLIError(f"no .ckpt files under {checkpoint_dir}")
+    done = _done_steps(csv_path)
+    data = make_data()
+    new_file = not csv_path.exists()
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with csv_path.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=RESULT_COLUMNS)
+        if new_file:
+            writer.writeheader()
+        todo = [(step, path) for step, path in checkpoints if step not in done]
+        if len(todo) < len(checkpoints):
+            print(f"skipping {len(checkpoints) - len(todo)} checkpoint(s) already in {csv_path}")
+        for step, path in tqdm(todo, desc="checkpoints", disable=not progress):
+            try:
+                module = load_module(str(path))
+            except Exception as error:
+                raise CLIError(f"cannot load {path}: {type(error).__name__}: {error}") from None
+            started = time.perf_counter()
+            result = estimate_llc(module, data, loss_fn, **estimate_kwargs)
+            writer.writerow(
+                {
+                    "step": step, "checkpoint": str(path), "llc_mean": result.llc_mean, "llc_std": result.llc_std,
+                    "init_loss": result.init_loss, "acceptance": result.acceptance_mean, "healthy": result.healthy,
+                    "seconds": round(time.perf_counter() - started, 3),
+                }
+            )
+            handle.flush()
+    with csv_path.open() as handle:
+        rows = sorted(csv.DictReader(handle), key=lambda row: int(row["step"]))
+    transitions = detect_transitions([int(r["step"]) for r in rows], [float(r["llc_mean"]) for r in rows], metric="llc/mean")
+    return rows, transitions
+
+
+def _analyze_command(args: argparse.Namespace) -> int:
+    module_class = _import(args.module)
+    if not hasattr(module_class, "load_from_checkpoint"):
+        raise CLIError(f"{args.module} has no load_from_checkpoint (expected a LightningModule class)")
+    make_data = _import(args.data)
+    loss_fn = _import(args.loss) if args.loss else None
+    csv_path = Path(args.output) if args.output else Path(args.checkpoint_dir) / "llc.csv"
+    estimate_kwargs = {
+        "num_chains": args.num_chains, "num_draws": args.num_draws, "num_burnin_steps": args.num_burnin_steps,
+        "epsilon": args.epsilon if args.epsilon == "auto" else float(args.epsilon), "gamma": args.gamma,
+        "nbeta": args.nbeta, "batch_size": args.batch_size, "seed": args.seed, "device": "cpu",
+    }
+    rows, transitions = analyze(
+        Path(args.checkpoint_dir),
+        lambda path: module_class.load_from_checkpoint(path, map_location="cpu"),
+        make_data,
+        csv_path,
+        loss_fn=loss_fn,
+        estimate_kwargs=estimate_kwargs,
+    )
+    print(f"{len(rows)} estimates in {csv_path}")
+    transitions_path = csv_path.with_name(csv_path.stem + "_transitions.csv")
+    with transitions_path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["step", "metric", "before", "after", "score", "direction", "reason"])
+        writer.writeheader()
+        for transition in transitions:
+            writer.writerow(dataclasses.asdict(transition))
+            print("  " + transition.describe())
+    print(f"{len(transitions)} transition event(s) in {transitions_path}")
+    if not args.no_plot:
+        plt = _pyplot()
+        figure, axis = plt.subplots(figsize=(8, 3.5))
+        steps = [int(r["step"]) for r in rows]
+        axis.errorbar(steps, [float(r["llc_mean"]) for r in rows], yerr=[float(r["llc_std"]) for r in rows], marker="o")
+        for transition in transitions:
+            axis.axvline(transition.step, color="gray", linestyle="--")
+        axis.set_xlabel("step")
+        axis.set_ylabel("λ̂")
+        figure.tight_layout()
+        plot_path = csv_path.with_suffix(".png")
+        figure.savefig(plot_path, dpi=120)
+        plt.close(figure)
+        print(f"wrote {plot_path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lightning-devinterp",
+        description="Look at local learning coefficient estimates: plot the ones LLCMonitor logged, or estimate them "
+        "for a folder of saved checkpoints.",
+    )
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    plot = verbs.add_parser(
+        "plot", help="draw λ̂ ± std and the training loss from TensorBoard logs, with transitions marked",
+        description="Read the TensorBoard event files under LOGDIR (one panel per run that has llc/mean) and draw λ̂ ± std "
+        "with the training loss on a twin axis and transitions as vertical lines.",
+    )
+    plot.add_argument("logdir", help="a TensorBoard log directory (searched recursively for runs)")
+    plot.add_argument("-o", "--output", help="PNG to write (default: LOGDIR/llc.png)")
+    plot.add_argument("--log-x", action="store_true", help="log-scaled step axis")
+    plot.set_defaults(handler=_plot_command)
+    analyze_parser = verbs.add_parser(
+        "analyze", help="estimate λ̂ for every checkpoint in a folder, in step order, resumably",
+        description="Estimate λ̂ for each .ckpt under CKPT_DIR in step order (the step comes from 'step=N' in the file name "
+        "or the checkpoint itself). Results are appended to a CSV as they come, so a rerun skips finished checkpoints. "
+        "Then detect transitions over the series and write them, and a plot, next to the CSV.",
+    )
+    analyze_parser.add_argument("checkpoint_dir", metavar="CKPT_DIR")
+    analyze_parser.add_argument("--module", required=True, help="the LightningModule class, as package.module:Class")
+    analyze_parser.add_argument("--data", required=True, help="a function returning a DataLoader or Dataset, as package.module:function")
+    analyze_parser.add_argument("--loss", help="loss_fn(model, batch) as package.module:function (default: training_step's loss)")
+    analyze_parser.add_argument("-o", "--output", help="CSV to write (default: CKPT_DIR/llc.csv)")
+    analyze_parser.add_argument("--num-chains", type=int, default=4)
+    analyze_parser.add_argument("--num-draws", type=int, default=200)
+    analyze_parser.add_argument("--num-burnin-steps", type=int, default=100)
+    analyze_parser.add_argument("--epsilon", default="1e-4", help="SGLD step size, or 'auto' to calibrate for each checkpoint")
+    analyze_parser.add_argument("--gamma", type=float, default=100.0)
+    analyze_parser.add_argument("--nbeta", type=float, default=None, help="default: n / log n")
+    analyze_parser.add_argument("--batch-size", type=int, default=None, help="required when --data returns a Dataset")
+    analyze_parser.add_argument("--seed", type=int, default=0)
+    analyze_parser.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
+    analyze_parser.set_defaults(handler=_analyze_command)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (CLIError, LLCEstimationError, ValueError, TypeError) as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        print(f"lightning-devinterp {args.verb}: error: {first_line}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""The lightning-devinterp command: plot and analyze on small generated runs, and one-line errors for bad input."""
+
+import csv
+import sys
+
+import lightning.pytorch as pl
+import pytest
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from lightning_devinterp import LLCMonitor
+from lightning_devinterp.cli import main
+from lightning_helpers import QUICK, Regressor, make_trainer, regression_loader
+
+ANALYZE = ["--module", "lightning_helpers:Regressor", "--data", "lightning_helpers:regression_loader", "--num-draws", "20", "--num-burnin-steps", "5"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A 15-step run with LLCMonitor, TensorBoard logs and a checkpoint every 5 steps."""
+    root = tmp_path_factory.mktemp("run")
+    pl.seed_everything(0)
+    checkpoints = ModelCheckpoint(dirpath=str(root / "ckpt"), every_n_train_steps=5, save_top_k=-1)
+    trainer = make_trainer(
+        root, [LLCMonitor(every_n_steps=5, **QUICK), checkpoints], logger=TensorBoardLogger(str(root / "logs"), name="r"),
+        enable_checkpointing=True, max_steps=15, log_every_n_steps=1,
+    )
+    trainer.fit(Regressor(), regression_loader())
+    return root
+
+
+def test_plot_draws_a_png_from_tensorboard_logs(trained_run, capsys):
+    output = trained_run / "plot.png"
+    assert main(["plot", str(trained_run / "logs"), "-o", str(output), "--log-x"]) == 0
+    assert output.read_bytes()[:4] == b"\x89PNG"
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_plot_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    assert main(["plot", str(tmp_path / "missing")]) == 1
+    assert capsys.readouterr().err.strip() == f"lightning-devinterp plot: error: no such directory: {tmp_path / 'missing'}"
+    assert main(["plot", str(tmp_path)]) == 1
+    assert "no TensorBoard event files" in capsys.readouterr().err
+
+
+def test_plot_without_matplotlib_says_how_to_get_it(trained_run, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["plot", str(trained_run / "logs"), "-o", str(trained_run / "no.png")]) == 1
+    assert "pip install 'lightning-devinterp[plot]'" in capsys.readouterr().err
+
+
+def test_analyze_estimates_each_checkpoint_in_step_order_and_resumes(trained_run, tmp_path, capsys):
+    table = tmp_path / "llc.csv"
+    assert main(["analyze", str(trained_run / "ckpt"), *ANALYZE, "-o", str(table)]) == 0
+    with table.open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(row["step"]) for row in rows] == [5, 10, 15]
+    assert all(float(row["acceptance"]) > 0 for row in rows)
+    assert table.with_suffix(".png").exists() and (tmp_path / "llc_transitions.csv").exists()
+    capsys.readouterr()
+    assert main(["analyze", str(trained_run / "ckpt"), *ANALYZE, "-o", str(table)]) == 0
+    assert "skipping 3 checkpoint(s)" in capsys.readouterr().out
+    with table.open() as handle:
+        assert len(list(csv.DictReader(handle))) == 3
+
+
+def test_analyze_reports_a_broken_checkpoint_in_one_line(trained_run, tmp_path, capsys):
+    broken = tmp_path / "ckpt"
+    broken.mkdir()
+    (broken / "epoch=0-step=3.ckpt").write_bytes(b"not a checkpoint")
+    assert main(["analyze", str(broken), *ANALYZE, "--no-plot", "-o", str(tmp_path / "x.csv")]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
+    assert error.startswith("lightning-devinterp analyze: error: cannot load")
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--module", "nowhere:Thing", "--data", "lightning_helpers:regression_loader"], "cannot import nowhere:Thing"),
+        (["--module", "lightning_helpers", "--data", "lightning_helpers:regression_loader"], "package.module:name"),
+        (["--module", "lightning_helpers:make_trainer", "--data", "lightning_helpers:regression_loader"], "load_from_checkpoint"),
+    ],
+)
+def test_analyze_rejects_bad_imports(trained_run, arguments, message, capsys):
+    assert main(["analyze", str(trained_run / "ckpt"), *arguments]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_help_explains_each_verb(capsys):
+    for verb in ("plot", "analyze"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([verb, "--help"])
+        assert exit_info.value.code == 0
+    output = capsys.readouterr().out
+    assert "TensorBoard event files" in output and "rerun skips finished checkpoints" in output

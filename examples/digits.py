@@ -11,6 +11,7 @@ minimum, so the chains keep descending), about 10-12 once the network fits (step
 about 8 as training continues. The jump comes before the transition detector has warmed up, so no transition is
 reported. A table of estimates is printed at the end.
 
+    pip install -e ".[examples]"   # scikit-learn, for the bundled data
     python examples/digits.py [--epochs 40] [--log-dir runs] [--smoke]
 """
 

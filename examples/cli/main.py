@@ -1,5 +1,6 @@
 """LightningCLI entry point: the callbacks come from the YAML config, the model code knows nothing about them.
 
+    pip install -e ".[examples]"   # jsonargparse for LightningCLI, scikit-learn for the data
     python examples/cli/main.py fit --config examples/cli/config.yaml
 
 Reuses the digits example's model and data. Edit ``config.yaml`` (or pass ``--trainer.callbacks+=...``) to change

@@ -235,33 +235,34 @@ class LLCMonitor(Callback):
             self._estimate(trainer, pl_module)
 
     def _prepare_data(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Set up where estimates take their data from, and the nbeta they use (n is the training set size)."""
         device = pl_module.device
         if self.dataloader is not None:
             self._source = MinibatchSource(self.dataloader, self.config.batch_size, device)
-            self._nbeta = self.config.nbeta or default_nbeta(self._source.num_samples)
-            return
-        loader = trainer.train_dataloader
-        if not isinstance(loader, DataLoader):
-            raise MisconfigurationException(
-                "LLCMonitor: the training data is not a single DataLoader; pass dataloader=... to choose the data."
-            )
-        batch_size = self.config.batch_size or loader.batch_size
-        if batch_size is None:
-            raise MisconfigurationException("LLCMonitor: the training DataLoader has no batch_size; pass batch_size=...")
-        dataset = loader.dataset
-        if isinstance(dataset, IterableDataset):
-            self._buffer = deque(maxlen=self.buffer_size)
-            size = getattr(dataset, "__len__", None)
-            if self.config.nbeta is None and size is None:
+            num_samples = self._source.num_samples
+        else:
+            loader = trainer.train_dataloader
+            if not isinstance(loader, DataLoader):
                 raise MisconfigurationException(
-                    "LLCMonitor: the training set is an IterableDataset without a length, so n for nbeta = n / log n is "
-                    "unknown; pass nbeta=..."
+                    "LLCMonitor: the training data is not a single DataLoader; pass dataloader=... to choose the data."
                 )
-            self._nbeta = self.config.nbeta or default_nbeta(len(dataset))  # type: ignore[arg-type]
-            return
-        private = DataLoader(dataset, batch_size=batch_size, collate_fn=loader.collate_fn)
-        self._source = MinibatchSource(private, batch_size, device)
-        self._nbeta = self.config.nbeta or default_nbeta(self._source.num_samples)
+            batch_size = self.config.batch_size or loader.batch_size
+            if batch_size is None:
+                raise MisconfigurationException("LLCMonitor: the training DataLoader has no batch_size; pass batch_size=...")
+            dataset = loader.dataset
+            if isinstance(dataset, IterableDataset):
+                self._buffer = deque(maxlen=self.buffer_size)
+                if self.config.nbeta is None and getattr(dataset, "__len__", None) is None:
+                    raise MisconfigurationException(
+                        "LLCMonitor: the training set is an IterableDataset without a length, so n for nbeta = n / log n "
+                        "is unknown; pass nbeta=..."
+                    )
+                num_samples = None if self.config.nbeta is not None else len(dataset)  # type: ignore[arg-type]
+            else:
+                private = DataLoader(dataset, batch_size=batch_size, collate_fn=loader.collate_fn)
+                self._source = MinibatchSource(private, batch_size, device)
+                num_samples = self._source.num_samples
+        self._nbeta = self.config.nbeta if self.config.nbeta is not None else default_nbeta(num_samples)  # type: ignore[arg-type]
 
     def _write_tensorboard_header(self, trainer: pl.Trainer) -> None:
         layout = {

@@ -76,6 +76,23 @@ def test_small_jumps_are_rarely_reported():
     assert reported / 30 <= 0.2
 
 
+def test_the_drift_rule_catches_ramps_that_single_jumps_miss():
+    """A level shift of 8 sigma spread over 8 points: no single step is a jump, but the residuals keep one sign."""
+    def recall(**detector_kwargs):
+        rng = np.random.default_rng(5)
+        found = 0
+        for _ in range(40):
+            steps, values = synthetic_series(rng)
+            ramp = np.clip((np.arange(len(values)) - 39) / 8, 0, 1) * 8.0 * NOISE
+            events = detect_transitions(steps, (np.array(values) + ramp).tolist(), **detector_kwargs)
+            found += any(t.is_onset and 40 <= steps.index(t.step) < 48 for t in events)
+        return found / 40
+
+    with_drift, jumps_only = recall(), recall(drift_threshold=None)
+    assert with_drift >= 0.4
+    assert with_drift >= jumps_only + 0.15
+
+
 def test_one_transition_gives_an_onset_and_an_end():
     steps = list(range(0, 4000, 100))
     values = [10.0 + 0.1 * math.sin(i) for i in range(20)] + [30.0 + 0.1 * math.cos(i) for i in range(20)]
@@ -149,6 +166,8 @@ def test_offline_detection_equals_online_updates():
         ({"min_relative_change": float("nan")}, "min_relative_change"),
         ({"settle_points": 10}, "settle_points"),
         ({"settle_fraction": -0.1}, "settle_fraction"),
+        ({"drift_threshold": -1.0}, "drift_threshold"),
+        ({"drift_allowance": float("inf")}, "drift_allowance"),
     ],
 )
 def test_bad_detector_arguments(kwargs, match):

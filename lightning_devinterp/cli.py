@@ -62,7 +62,7 @@ def read_runs(log_dir: Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
     for run_dir in run_dirs:
         events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
         events.Reload()
-        runs[str(run_dir.relative_to(log_dir)) or "."] = {
+        runs[str(run_dir.relative_to(log_dir)) if run_dir != log_dir else log_dir.name] = {
             tag: [(event.step, event.value) for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]
         }
     return runs

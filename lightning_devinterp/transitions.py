@@ -188,26 +188,29 @@ class TransitionDetector:
         point = (int(step), value)
         if self._onset is not None:
             return self._follow_transition(point, healthy)
-        transition = None
         if len(self._segment) >= self.warmup:
             score, predicted, sigma = self.score(step, value, std)
             change = abs(value - predicted)
             level = median(abs(v) for _, v in self._segment)
             if score >= self.threshold and change >= self.min_relative_change * level:
                 return self._begin(point, predicted, score, sigma, "onset: jump beyond the recent trend", healthy)
-            residual = value - predicted
-            grown = [self._cusum[0] + residual / sigma - self.drift_allowance, self._cusum[1] - residual / sigma - self.drift_allowance]
-            self._drift = [self._drift[0] + residual if grown[0] > 0 else 0.0, self._drift[1] - residual if grown[1] > 0 else 0.0]
-            self._cusum = [max(0.0, g) for g in grown]
-            side = 0 if self._cusum[0] >= self._cusum[1] else 1
-            if self.drift_threshold is not None and self._cusum[side] >= self.drift_threshold and self._drift[side] >= self.min_relative_change * level:
-                return self._begin(point, predicted, self._cusum[side], sigma, "onset: sustained drift away from the recent trend", healthy)
+            drift = self._accumulate_drift(value - predicted, sigma)
+            if self.drift_threshold is not None and max(self._cusum) >= self.drift_threshold and drift >= self.min_relative_change * level:
+                return self._begin(point, predicted, max(self._cusum), sigma, "onset: sustained drift away from the recent trend", healthy)
             if score < INLIER_FRACTION * self.threshold:
                 self._errors.append(change)
                 del self._errors[: -2 * self.window]
         self._segment.append(point)
         del self._segment[: -self.window]
         return None
+
+    def _accumulate_drift(self, residual: float, sigma: float) -> float:
+        """Update the two one-sided CUSUMs (up, down) with a residual; return the change the leading side has added up."""
+        for side, signed in enumerate((residual, -residual)):
+            grown = self._cusum[side] + signed / sigma - self.drift_allowance
+            self._cusum[side] = max(0.0, grown)
+            self._drift[side] = self._drift[side] + signed if grown > 0 else 0.0
+        return self._drift[0] if self._cusum[0] >= self._cusum[1] else self._drift[1]
 
     def _begin(self, point: tuple[int, float], predicted: float, score: float, sigma: float, reason: str, healthy: bool) -> Transition:
         """Open a transition at ``point``; it ends once successive differences fall well below its first step."""

@@ -26,7 +26,7 @@ def test_two_transitions_of_the_toy_model_of_superposition(tmp_path):
     assert describe_columns(record.weights[3000]).startswith("5 columns")
 
     llc = {estimate.step: estimate.llc_mean for estimate in monitor.history}
-    assert llc[0] < 0 < 3.0 < llc[FIRST_DROP[1]] < llc[3000]
+    assert llc[0] < 0 and 3.0 < llc[FIRST_DROP[1]] < llc[3000]
 
     onsets = [t.step for t in monitor.transitions if t.is_onset]
     assert any(FIRST_DROP[0] <= step <= FIRST_DROP[1] for step in onsets), monitor.transitions

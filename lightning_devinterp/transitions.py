@@ -1,6 +1,6 @@
 """Online change-point detection for a noisy, irregularly sampled series such as λ̂ during training.
 
-Method (one pass, O(window²) per update):
+Method (one pass, O(window²) per update, plus a least-squares scan over at most ``slope_window`` points):
 
 1. The detector keeps a *segment*: the recent points (at most ``window``) of the current regime.
 2. Once the segment holds ``warmup`` points, each new point is compared with the segment's robust linear trend
@@ -8,7 +8,7 @@ Method (one pass, O(window²) per update):
 3. The residual is divided by a noise scale ``sigma = max(s, std)``. ``s`` is 1.4826 x the median of the segment's
    one-step-ahead prediction errors once ``warmup`` of them exist (robust, and honest about extrapolation error;
    only errors below half the threshold count, so a slow excursion is not learnt as noise); before that, the
-   robust spread of the segment's successive differences, widened by half for the small sample. ``std`` is the point's
+   robust spread of the segment's successive differences, doubled for the small sample. ``std`` is the point's
    own uncertainty (for λ̂, the standard error over chains), a floor for the noise. sigma is also floored at
    ``relative_noise_floor`` x the segment's level so a nearly constant series does not make every wiggle
    significant.
@@ -19,9 +19,17 @@ Method (one pass, O(window²) per update):
    drop unfolds). For these a two-sided CUSUM adds up the signed residuals in noise units, less
    ``drift_allowance`` per point; when one side reaches ``drift_threshold`` (and the residuals it added up reach
    ``min_relative_change`` of the level) that is an onset too ("sustained drift"). The trend keeps adapting, so only
-   ramps that outpace it are caught: on 8-sigma ramps over 8 points recall roughly doubles (about 22% to 45%),
-   while false alarms on stationary and trending series stay within 0.1 per 100 points of the jump rule alone.
-   ``drift_threshold=None`` turns it off.
+   ramps that outpace it are caught. ``drift_threshold=None`` turns it off.
+   A ramp that starts from a plateau is also a *change of slope*. Over the longer history of the regime (up to
+   ``slope_window`` points) the detector compares one straight line with a line that bends at some earlier point
+   (a hinge, scanned over every point with at least ``warmup`` before and ``MIN_POINTS_AFTER_BEND`` after it). When
+   the bend explains the points better by ``slope_threshold`` noise units (the square root of the drop in squared
+   residuals over sigma²) and the level change it implies by now is at least ``min_relative_change`` of the
+   level, that is an onset too ("change of slope"). This is the online form of reading stage boundaries off
+   the slope of λ̂ (Hoogland et al. 2024). ``slope_threshold=None`` turns it off.
+   On 8-sigma level shifts spread over 8 points (tests/test_transitions.py) the share found during the ramp is
+   about 20% for the jump rule alone, 40% with the drift rule and 78% with both; false onsets on stationary and
+   trending series without transitions stay at 0.65-0.7 per 100 points.
 5. Transitions often take several points (λ̂ dives and recovers while the loss falls). After an onset the detector
    waits until the series *settles*: ``settle_points`` successive differences each below ``settle_fraction`` of
    the onset's jump, or ``window`` points, whichever comes first. It then reports the *end* of the transition,
@@ -40,8 +48,13 @@ from dataclasses import dataclass
 from statistics import median
 from typing import Any, Literal
 
-SMALL_SAMPLE_INFLATION = 1.5
+import numpy as np
+
+SMALL_SAMPLE_INFLATION = 2.0
 """Widens the difference-based noise scale used while fewer than ``warmup`` prediction errors exist."""
+
+MIN_POINTS_AFTER_BEND = 3
+"""A change of slope is only considered once this many points follow the bend."""
 
 INLIER_FRACTION = 0.5
 """Only prediction errors below this fraction of ``threshold`` (in noise units) update the noise scale, so a slow
@@ -104,13 +117,16 @@ class TransitionDetector:
             the drift rule off.
         drift_allowance: noise units subtracted from each residual before it is added up, so that noise alone
             rarely accumulates.
+        slope_threshold: improvement (in noise units) a bent line must make over a straight one for a change of
+            slope to be an onset; None turns the slope rule off.
+        slope_window: most recent points of the regime the slope rule looks at.
     """
 
     def __init__(
         self,
         metric: str = "llc/mean",
         threshold: float = 4.0,
-        min_relative_change: float = 0.1,
+        min_relative_change: float = 0.05,
         warmup: int = 5,
         window: int = 10,
         relative_noise_floor: float = 0.01,
@@ -118,11 +134,14 @@ class TransitionDetector:
         settle_points: int = 2,
         drift_threshold: float | None = 8.0,
         drift_allowance: float = 0.5,
+        slope_threshold: float | None = 5.0,
+        slope_window: int = 30,
     ) -> None:
         numbers = (
             ("threshold", threshold),
             ("drift_threshold", 0.0 if drift_threshold is None else drift_threshold),
             ("drift_allowance", drift_allowance),
+            ("slope_threshold", 0.0 if slope_threshold is None else slope_threshold),
             ("min_relative_change", min_relative_change),
             ("relative_noise_floor", relative_noise_floor),
             ("settle_fraction", settle_fraction),
@@ -134,6 +153,8 @@ class TransitionDetector:
             raise ValueError(f"warmup must be an integer >= 3 (a trend and a noise scale need points), got {warmup!r}.")
         if isinstance(window, bool) or not isinstance(window, int) or window < warmup:
             raise ValueError(f"window must be an integer >= warmup ({warmup}), got {window!r}.")
+        if isinstance(slope_window, bool) or not isinstance(slope_window, int) or slope_window < warmup + MIN_POINTS_AFTER_BEND:
+            raise ValueError(f"slope_window must be an integer >= warmup + {MIN_POINTS_AFTER_BEND}, got {slope_window!r}.")
         if isinstance(settle_points, bool) or not isinstance(settle_points, int) or not 1 <= settle_points < window:
             raise ValueError(f"settle_points must be an integer in [1, window), got {settle_points!r}.")
         self.metric = metric
@@ -146,6 +167,8 @@ class TransitionDetector:
         self.settle_points = settle_points
         self.drift_threshold = None if drift_threshold is None else float(drift_threshold)
         self.drift_allowance = float(drift_allowance)
+        self.slope_threshold = None if slope_threshold is None else float(slope_threshold)
+        self.slope_window = slope_window
         self.reset()
 
     def reset(self) -> None:
@@ -156,6 +179,7 @@ class TransitionDetector:
         self._transient: list[tuple[int, float]] = []
         self._cusum = [0.0, 0.0]
         self._drift = [0.0, 0.0]
+        self._regime: list[tuple[int, float]] = []
 
     @property
     def in_transition(self) -> bool:
@@ -197,11 +221,17 @@ class TransitionDetector:
             drift = self._accumulate_drift(value - predicted, sigma)
             if self.drift_threshold is not None and max(self._cusum) >= self.drift_threshold and drift >= self.min_relative_change * level:
                 return self._begin(point, predicted, max(self._cusum), sigma, "onset: sustained drift away from the recent trend", healthy)
+            if self.slope_threshold is not None:
+                bend_score, before, bend_change = self._slope_change([*self._regime, point], sigma)
+                if bend_score >= self.slope_threshold and abs(bend_change) >= self.min_relative_change * level:
+                    return self._begin(point, before, bend_score, sigma, "onset: change of slope", healthy, abs(bend_change))
             if score < INLIER_FRACTION * self.threshold:
                 self._errors.append(change)
                 del self._errors[: -2 * self.window]
         self._segment.append(point)
         del self._segment[: -self.window]
+        self._regime.append(point)
+        del self._regime[: -self.slope_window]
         return None
 
     def _accumulate_drift(self, residual: float, sigma: float) -> float:
@@ -212,12 +242,38 @@ class TransitionDetector:
             self._drift[side] = self._drift[side] + signed if grown > 0 else 0.0
         return self._drift[0] if self._cusum[0] >= self._cusum[1] else self._drift[1]
 
-    def _begin(self, point: tuple[int, float], predicted: float, score: float, sigma: float, reason: str, healthy: bool) -> Transition:
-        """Open a transition at ``point``; it ends once successive differences fall well below its first step."""
-        self._onset = {"step": point[0], "before": predicted, "jump": abs(point[1] - predicted), "sigma": sigma}
+    def _slope_change(self, points: list[tuple[int, float]], sigma: float) -> tuple[float, float, float]:
+        """Best bend of ``points``: ``(score, before, change)``, with the score in noise units, ``before`` the
+        unbent line's value at the last point and ``change`` what the bend adds there."""
+        if len(points) < self.warmup + MIN_POINTS_AFTER_BEND:
+            return 0.0, points[-1][1], 0.0
+        steps = np.array([s for s, _ in points], dtype=float)
+        values = np.array([v for _, v in points])
+        time = (steps - steps.mean()) / max(float(steps.std()), 1e-12)
+        line = np.stack([np.ones_like(time), time], axis=1)
+        straight = values - line @ np.linalg.lstsq(line, values, rcond=None)[0]
+        best = (0.0, points[-1][1], 0.0)
+        for bend in range(self.warmup - 1, len(points) - MIN_POINTS_AFTER_BEND):
+            hinge = np.maximum(0.0, time - time[bend])
+            coefficients = np.linalg.lstsq(np.column_stack([line, hinge]), values, rcond=None)[0]
+            bent = values - np.column_stack([line, hinge]) @ coefficients
+            gain = float(straight @ straight - bent @ bent) / sigma**2
+            if gain > best[0] ** 2:
+                intercept, slope, extra = (float(c) for c in coefficients)
+                best = (math.sqrt(gain), intercept + slope * time[-1], extra * hinge[-1])
+        return best
+
+    def _begin(
+        self, point: tuple[int, float], predicted: float, score: float, sigma: float, reason: str, healthy: bool,
+        jump: float | None = None,
+    ) -> Transition:
+        """Open a transition at ``point``; it ends once successive differences fall well below ``jump`` (by default
+        the distance from the prediction)."""
+        self._onset = {"step": point[0], "before": predicted, "jump": abs(point[1] - predicted) if jump is None else jump, "sigma": sigma}
         self._transient = [point]
         self._cusum = [0.0, 0.0]
         self._drift = [0.0, 0.0]
+        self._regime = []
         return self._make(point, predicted, score, reason, healthy)
 
     def _follow_transition(self, point: tuple[int, float], healthy: bool) -> Transition | None:
@@ -233,6 +289,7 @@ class TransitionDetector:
         reason = f"end of the transition that began at step {self._onset['step']}" + ("" if settled else " (did not settle)")
         transition = self._make(point, before, abs(point[1] - before) / self._onset["sigma"], reason, healthy)
         self._segment = self._transient[-self.settle_points :]
+        self._regime = list(self._segment)
         self._errors = []
         self._onset = None
         self._transient = []
@@ -259,6 +316,7 @@ class TransitionDetector:
             "transient": [list(p) for p in self._transient],
             "cusum": list(self._cusum),
             "drift": list(self._drift),
+            "regime": [list(p) for p in self._regime],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -268,6 +326,7 @@ class TransitionDetector:
         self._transient = [(int(step), float(value)) for step, value in state["transient"]]
         self._cusum = [float(c) for c in state["cusum"]]
         self._drift = [float(d) for d in state["drift"]]
+        self._regime = [(int(step), float(value)) for step, value in state["regime"]]
 
 
 def detect_transitions(

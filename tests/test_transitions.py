@@ -76,21 +76,41 @@ def test_small_jumps_are_rarely_reported():
     assert reported / 30 <= 0.2
 
 
-def test_the_drift_rule_catches_ramps_that_single_jumps_miss():
-    """A level shift of 8 sigma spread over 8 points: no single step is a jump, but the residuals keep one sign."""
-    def recall(**detector_kwargs):
-        rng = np.random.default_rng(5)
-        found = 0
-        for _ in range(40):
-            steps, values = synthetic_series(rng)
-            ramp = np.clip((np.arange(len(values)) - 39) / 8, 0, 1) * 8.0 * NOISE
-            events = detect_transitions(steps, (np.array(values) + ramp).tolist(), **detector_kwargs)
-            found += any(t.is_onset and 40 <= steps.index(t.step) < 48 for t in events)
-        return found / 40
+def ramp_recall(length: int = 8, **detector_kwargs) -> float:
+    """Share of 40 series where a level shift of 8 sigma spread over ``length`` points raises an onset during the ramp."""
+    rng = np.random.default_rng(5)
+    found = 0
+    for _ in range(40):
+        steps, values = synthetic_series(rng)
+        ramp = np.clip((np.arange(len(values)) - 39) / length, 0, 1) * 8.0 * NOISE
+        events = detect_transitions(steps, (np.array(values) + ramp).tolist(), **detector_kwargs)
+        found += any(t.is_onset and 40 <= steps.index(t.step) < 40 + length for t in events)
+    return found / 40
 
-    with_drift, jumps_only = recall(), recall(drift_threshold=None)
-    assert with_drift >= 0.4
+
+def test_the_drift_and_slope_rules_catch_ramps_that_single_jumps_miss():
+    """No single step of the ramp is a jump, but its residuals keep one sign and the series bends."""
+    jumps_only = ramp_recall(drift_threshold=None, slope_threshold=None)
+    with_drift = ramp_recall(slope_threshold=None)
+    with_both = ramp_recall()
     assert with_drift >= jumps_only + 0.15
+    assert with_both >= with_drift + 0.2
+    assert with_both >= 0.7
+
+
+def test_the_slope_rule_reports_where_a_plateau_starts_to_climb():
+    """A plateau, then a climb of one noise unit per point: a change of slope within 10 points of the bend."""
+    steps = list(range(0, 4000, 100))
+    found = {"with": 0, "without": 0}
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        values = [10.0 + 0.1 * max(0, i - 19) + rng.normal(0, 0.1) for i in range(40)]
+        for rule, kwargs in (("with", {}), ("without", {"slope_threshold": None})):
+            onsets = [t for t in detect_transitions(steps, values, **kwargs) if t.is_onset]
+            if onsets and 2000 <= onsets[0].step < 3000 and onsets[0].direction == "up":
+                found[rule] += 1
+                assert rule == "without" or onsets[0].reason == "onset: change of slope"
+    assert found["with"] == 6 and found["without"] <= 1
 
 
 def test_one_transition_gives_an_onset_and_an_end():
@@ -168,6 +188,8 @@ def test_offline_detection_equals_online_updates():
         ({"settle_fraction": -0.1}, "settle_fraction"),
         ({"drift_threshold": -1.0}, "drift_threshold"),
         ({"drift_allowance": float("inf")}, "drift_allowance"),
+        ({"slope_threshold": -2.0}, "slope_threshold"),
+        ({"slope_window": 6}, "slope_window"),
     ],
 )
 def test_bad_detector_arguments(kwargs, match):

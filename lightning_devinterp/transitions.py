@@ -243,8 +243,8 @@ class TransitionDetector:
         return self._drift[0] if self._cusum[0] >= self._cusum[1] else self._drift[1]
 
     def _slope_change(self, points: list[tuple[int, float]], sigma: float) -> tuple[float, float, float]:
-        """Best bend of ``points``: ``(score, before, change)``, with the score in noise units, ``before`` the
-        unbent line's value at the last point and ``change`` what the bend adds there."""
+        """Best bend of ``points``: ``(score, before, change)``, with the score in noise units, ``before`` the line
+        before the bend extended to the last point, and ``change`` what the bend adds there."""
         if len(points) < self.warmup + MIN_POINTS_AFTER_BEND:
             return 0.0, points[-1][1], 0.0
         steps = np.array([s for s, _ in points], dtype=float)

@@ -244,24 +244,28 @@ class TransitionDetector:
 
     def _slope_change(self, points: list[tuple[int, float]], sigma: float) -> tuple[float, float, float]:
         """Best bend of ``points``: ``(score, before, change)``, with the score in noise units, ``before`` the line
-        before the bend extended to the last point, and ``change`` what the bend adds there."""
+        before the bend extended to the last point, and ``change`` what the bend adds there.
+
+        Adding a hinge regressor h to a straight-line fit lowers the squared residuals by (h⊥·y)² / (h⊥·h⊥), with h⊥
+        the part of h that the line cannot express, so all bends are scored in one batch of matrix products."""
         if len(points) < self.warmup + MIN_POINTS_AFTER_BEND:
             return 0.0, points[-1][1], 0.0
         steps = np.array([s for s, _ in points], dtype=float)
         values = np.array([v for _, v in points])
         time = (steps - steps.mean()) / max(float(steps.std()), 1e-12)
         line = np.stack([np.ones_like(time), time], axis=1)
-        straight = values - line @ np.linalg.lstsq(line, values, rcond=None)[0]
-        best = (0.0, points[-1][1], 0.0)
-        for bend in range(self.warmup - 1, len(points) - MIN_POINTS_AFTER_BEND):
-            hinge = np.maximum(0.0, time - time[bend])
-            coefficients = np.linalg.lstsq(np.column_stack([line, hinge]), values, rcond=None)[0]
-            bent = values - np.column_stack([line, hinge]) @ coefficients
-            gain = float(straight @ straight - bent @ bent) / sigma**2
-            if gain > best[0] ** 2:
-                intercept, slope, extra = (float(c) for c in coefficients)
-                best = (math.sqrt(gain), intercept + slope * time[-1], extra * hinge[-1])
-        return best
+        hinges = np.maximum(0.0, time[None, :] - time[self.warmup - 1 : len(points) - MIN_POINTS_AFTER_BEND, None])
+        projection = line @ np.linalg.pinv(line)
+        beyond_line = hinges - hinges @ projection
+        norms = np.einsum("ij,ij->i", beyond_line, beyond_line)
+        explained = beyond_line @ values
+        gains = np.where(norms > 1e-12, explained**2 / np.maximum(norms, 1e-12), 0.0) / sigma**2
+        best = int(np.argmax(gains))
+        if gains[best] <= 0.0:
+            return 0.0, points[-1][1], 0.0
+        extra = explained[best] / norms[best]
+        intercept, slope = np.linalg.lstsq(line, values - extra * hinges[best], rcond=None)[0]
+        return math.sqrt(float(gains[best])), float(intercept + slope * time[-1]), float(extra * hinges[best, -1])
 
     def _begin(
         self, point: tuple[int, float], predicted: float, score: float, sigma: float, reason: str, healthy: bool,

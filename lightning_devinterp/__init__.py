@@ -2,11 +2,14 @@
 
 import logging
 
-from lightning_devinterp.calibration import CalibrationChoice, CalibrationResult, calibrate
-from lightning_devinterp.llc import LLCEstimationError, LLCResult, estimate_llc
-from lightning_devinterp.monitor import LLCEstimateWarning, LLCMonitor, LLCRecord
-from lightning_devinterp.transition_monitor import TransitionMonitor
-from lightning_devinterp.transitions import Transition, TransitionDetector, TransitionWarning, detect_transitions
+from lightning_devinterp.callbacks.llc_monitor import LLCEstimateWarning, LLCMonitor
+from lightning_devinterp.callbacks.tracker import LLCRecord
+from lightning_devinterp.callbacks.transition_monitor import TransitionMonitor
+from lightning_devinterp.detection.detector import Transition, TransitionDetector, TransitionWarning, detect_transitions
+from lightning_devinterp.sampling.calibration import CalibrationChoice, CalibrationResult, calibrate
+from lightning_devinterp.sampling.config import SamplingConfig
+from lightning_devinterp.sampling.estimate import estimate_llc
+from lightning_devinterp.sampling.result import LLCEstimationError, LLCResult
 
 __version__ = "0.1.0"
 
@@ -20,6 +23,7 @@ __all__ = [
     "LLCMonitor",
     "LLCRecord",
     "LLCResult",
+    "SamplingConfig",
     "Transition",
     "TransitionDetector",
     "TransitionMonitor",

@@ -9,12 +9,15 @@ import importlib
 import re
 import sys
 import time
+import types
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_devinterp.llc import LLCEstimationError
-from lightning_devinterp.transitions import Transition, detect_transitions
+from lightning_devinterp.detection.detector import Transition, detect_transitions
+from lightning_devinterp.sampling.config import ESTIMATE_DEFAULTS, SamplingConfig
+from lightning_devinterp.sampling.result import LLCEstimationError
 
 RESULT_COLUMNS = ["step", "checkpoint", "llc_mean", "llc_std", "init_loss", "acceptance", "healthy", "seconds"]
 
@@ -153,7 +156,7 @@ def analyze(
     """Estimate λ̂ for each checkpoint in step order, appending to ``csv_path`` as results come (reruns skip them)."""
     from tqdm import tqdm
 
-    from lightning_devinterp.llc import estimate_llc
+    from lightning_devinterp.sampling.estimate import estimate_llc
 
     if not checkpoint_dir.is_dir():
         raise CLIError(f"no such directory: {checkpoint_dir}")
@@ -199,11 +202,7 @@ def _analyze_command(args: argparse.Namespace) -> int:
     make_data = _import(args.data)
     loss_fn = _import(args.loss) if args.loss else None
     csv_path = Path(args.output) if args.output else Path(args.checkpoint_dir) / "llc.csv"
-    estimate_kwargs = {
-        "num_chains": args.num_chains, "num_draws": args.num_draws, "num_burnin_steps": args.num_burnin_steps,
-        "epsilon": args.epsilon if args.epsilon == "auto" else float(args.epsilon), "gamma": args.gamma,
-        "nbeta": args.nbeta, "batch_size": args.batch_size, "seed": args.seed, "device": "cpu",
-    }
+    estimate_kwargs = {**sampling_settings(args), "seed": args.seed, "device": "cpu"}
     rows, transitions = analyze(
         Path(args.checkpoint_dir),
         lambda path: module_class.load_from_checkpoint(path, map_location="cpu"),
@@ -238,6 +237,71 @@ def _analyze_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _setting_help() -> dict[str, str]:
+    """Each sampling setting's description, read from the ``Args:`` section of SamplingConfig's docstring."""
+    helps: dict[str, str] = {}
+    name = None
+    for line in (SamplingConfig.__doc__ or "").split("Args:", 1)[-1].splitlines():
+        match = re.match(r"\s{8}(\w+): (.*)", line)
+        if match:
+            name, helps[match.group(1)] = match.group(1), match.group(2)
+        elif name and line.strip():
+            helps[name] += " " + line.strip()
+    return helps
+
+
+def _parse_setting(name: str, kind: Any) -> Callable[[str], Any]:
+    """A string converter for a SamplingConfig field of type ``kind``, whose errors name the option."""
+    options = [kind] if typing.get_origin(kind) not in (typing.Union, types.UnionType) else list(typing.get_args(kind))
+    literals = [value for option in options if typing.get_origin(option) is typing.Literal for value in typing.get_args(option)]
+
+    def parse(text: str) -> Any:
+        if text in literals:
+            return text
+        if bool in options and text.lower() in ("true", "false"):
+            return text.lower() == "true"
+        for number in (int, float):
+            if number in options:
+                try:
+                    return number(text)
+                except ValueError:
+                    pass
+        if str in options:
+            return text
+        allowed = " or ".join([*(repr(v) for v in literals), *(o.__name__ for o in options if o in (int, float, bool))])
+        raise argparse.ArgumentTypeError(f"--{name.replace('_', '-')} takes {allowed}, got {text!r}")
+
+    return parse
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """One option per SamplingConfig field (``--num-chains``, ``--epsilon``, ...), typed and described as the field is."""
+    hints, helps = typing.get_type_hints(SamplingConfig), _setting_help()
+    for field in dataclasses.fields(SamplingConfig):
+        option, default = "--" + field.name.replace("_", "-"), ESTIMATE_DEFAULTS.get(field.name, field.default)
+        described = f"{helps.get(field.name, '')} (default: {default})"
+        if field.name == "params":
+            parser.add_argument(option, nargs="+", default=None, help=described)
+        elif field.name == "sampler_kwargs":
+            parser.add_argument(option, nargs="+", default=None, metavar="KEY=VALUE", help=described)
+        else:
+            parser.add_argument(option, type=_parse_setting(field.name, hints[field.name]), default=default, help=described)
+
+
+def sampling_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling settings given on the command line, as keyword arguments for SamplingConfig."""
+    settings = {field.name: getattr(args, field.name) for field in dataclasses.fields(SamplingConfig)}
+    if settings["sampler_kwargs"] is not None:
+        pairs = [item.partition("=") for item in settings["sampler_kwargs"]]
+        if any(not sep for _, sep, _ in pairs):
+            raise CLIError("--sampler-kwargs takes KEY=VALUE pairs, e.g. alpha=0.99")
+        try:
+            settings["sampler_kwargs"] = {key: float(value) for key, _, value in pairs}
+        except ValueError as error:
+            raise CLIError(f"--sampler-kwargs: {error}") from None
+    return settings
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lightning-devinterp",
@@ -265,13 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyze_parser.add_argument("--data", required=True, help="a function returning a DataLoader or Dataset, as package.module:function")
     analyze_parser.add_argument("--loss", help="loss_fn(model, batch) as package.module:function (default: training_step's loss)")
     analyze_parser.add_argument("-o", "--output", help="CSV to write (default: CKPT_DIR/llc.csv)")
-    analyze_parser.add_argument("--num-chains", type=int, default=4)
-    analyze_parser.add_argument("--num-draws", type=int, default=200)
-    analyze_parser.add_argument("--num-burnin-steps", type=int, default=100)
-    analyze_parser.add_argument("--epsilon", default="1e-4", help="SGLD step size, or 'auto' to calibrate for each checkpoint")
-    analyze_parser.add_argument("--gamma", type=float, default=100.0)
-    analyze_parser.add_argument("--nbeta", type=float, default=None, help="default: n / log n")
-    analyze_parser.add_argument("--batch-size", type=int, default=None, help="required when --data returns a Dataset")
+    add_sampling_arguments(analyze_parser)
     analyze_parser.add_argument("--seed", type=int, default=0)
     analyze_parser.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
     analyze_parser.set_defaults(handler=_analyze_command)

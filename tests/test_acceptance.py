@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from lightning_devinterp import estimate_llc
-from lightning_devinterp.kernels import SGLD, mala_log_acceptance
+from lightning_devinterp.sampling.kernels import SGLD, mala_log_acceptance
 from models import Potential
 
 

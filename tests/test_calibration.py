@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import lightning_devinterp.calibration as calibration_module
+import lightning_devinterp.sampling.calibration as calibration_module
 from lightning_devinterp import LLCEstimationError, LLCMonitor, calibrate, estimate_llc
 from lightning_devinterp.theory import aoyagi_lambda
 from lightning_helpers import make_trainer
@@ -118,7 +118,7 @@ def test_monitor_calibrates_once_and_keeps_epsilon(tmp_path, monkeypatch):
     data = teacher_data(deep_linear_network([3, 2]), 2000, generator, noise=0.5)
     calls = []
     original = calibration_module.calibrate_on_source
-    monkeypatch.setattr("lightning_devinterp.monitor.calibrate_on_source", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr("lightning_devinterp.callbacks.tracker.calibrate_on_source", lambda *a, **k: calls.append(1) or original(*a, **k))
     monitor = LLCMonitor(every_n_steps=5, epsilon="auto", gamma=1.0, num_draws=100, num_burnin_steps=100)
     pl.seed_everything(0)
     make_trainer(tmp_path, [monitor], max_steps=10).fit(LeastSquares(data), DataLoader(data, batch_size=100, shuffle=True))

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
-import lightning_devinterp.data as data_module
+import lightning_devinterp.sampling.data as data_module
 from lightning_devinterp import LLCEstimationError, estimate_llc
 from models import Potential, gaussian_nll
 

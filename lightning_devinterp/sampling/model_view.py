@@ -3,6 +3,7 @@
 The model is called through :func:`torch.func.functional_call` with detached copies of its parameters and
 buffers, so its own tensors, ``.grad`` and ``requires_grad`` flags are never written. The only temporary
 changes are the train/eval flags and, for a LightningModule, silenced ``self.log`` calls; both are undone on exit.
+Lightning is not imported here: a LightningModule is recognised by its ``training_step`` and ``log`` methods.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -19,7 +19,12 @@ from torch.func import functional_call
 LossFn = Callable[[nn.Module, Any], Tensor]
 
 
-def training_step_loss(module: pl.LightningModule, batch: Any) -> Tensor:
+def is_lightning_module(model: nn.Module) -> bool:
+    """True for a LightningModule (or anything shaped like one: a ``training_step`` and a ``log`` method)."""
+    return callable(getattr(model, "training_step", None)) and callable(getattr(model, "log", None))
+
+
+def training_step_loss(module: nn.Module, batch: Any) -> Tensor:
     """The loss of ``module.training_step(batch, 0)``: the returned tensor, or the ``"loss"`` entry of a dict."""
     output = module.training_step(batch, 0)
     if isinstance(output, dict):
@@ -38,7 +43,7 @@ def resolve_loss_fn(model: nn.Module, loss_fn: LossFn | None) -> LossFn:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}.")
         return loss_fn
-    if isinstance(model, pl.LightningModule):
+    if is_lightning_module(model):
         return training_step_loss
     raise TypeError(
         f"{type(model).__name__} is a plain nn.Module: pass loss_fn(model, batch) -> scalar mean loss "
@@ -71,7 +76,7 @@ def _evaluation_replacements(model: nn.Module) -> dict[str, Any]:
     ``Trainer.fit(torch.compile(module))`` replaces ``forward``/``training_step`` with dynamo wrappers bound to the
     original parameters; swapping in sampled parameters needs the original Python methods.
     """
-    if not isinstance(model, pl.LightningModule):
+    if not is_lightning_module(model):
         return {}
     replacements: dict[str, Any] = {"log": _ignore_log, "log_dict": _ignore_log}
     compiled = getattr(model, "_compiler_ctx", None)

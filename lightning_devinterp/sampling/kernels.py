@@ -14,6 +14,7 @@ where ``L_B`` is the mean loss over the chain's minibatch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Protocol
@@ -149,8 +150,13 @@ def mala_log_acceptance(
     )
 
 
-def make_kernel(sampler: str, *, epsilon: float, nbeta: float, gamma: float) -> Kernel:
-    """The kernel registered under ``sampler`` (one of :data:`SAMPLERS`)."""
+def sampler_options(sampler: str) -> set[str]:
+    """The settings of ``sampler`` beyond epsilon, nbeta and gamma (what ``sampler_kwargs`` may set)."""
+    return {field.name for field in dataclasses.fields(SAMPLERS[sampler])} - {"epsilon", "nbeta", "gamma"}
+
+
+def make_kernel(sampler: str, *, epsilon: float, nbeta: float, gamma: float, **options: float) -> Kernel:
+    """The kernel registered under ``sampler`` (one of :data:`SAMPLERS`), with its extra ``options``."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}.")
-    return SAMPLERS[sampler](epsilon=epsilon, nbeta=nbeta, gamma=gamma)
+    return SAMPLERS[sampler](epsilon=epsilon, nbeta=nbeta, gamma=gamma, **options)

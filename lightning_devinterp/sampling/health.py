@@ -21,10 +21,10 @@ MIN_ACCEPTANCE = 0.8
 On L = ½ Σ h w², chains at acceptance 0.78 and 0.70 overstate the continuous-time λ by 43% and 144%."""
 
 
-def first_failures(step_losses: Tensor) -> dict[int, int]:
-    """For each chain whose loss became NaN/Inf, the first SGLD step (0-based) where it did."""
-    finite = torch.isfinite(step_losses)
-    return {chain: int((~finite[chain]).nonzero()[0]) for chain in range(step_losses.shape[0]) if not bool(finite[chain].all())}
+def first_failures(failed_at: Tensor) -> dict[int, int]:
+    """For each chain whose loss became NaN/Inf, the first SGLD step (0-based) where it did (``failed_at`` holds -1
+    for chains that never failed)."""
+    return {chain: int(step) for chain, step in enumerate(failed_at.tolist()) if step >= 0}
 
 
 def _describe_step(step: int, num_burnin_steps: int, num_steps_bw_draws: int) -> str:

@@ -9,8 +9,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_devinterp.alerts import TransitionHook, announce_transition
-from lightning_devinterp.transitions import Transition, TransitionDetector
+from lightning_devinterp.callbacks.reporting import TransitionHook, announce_transition
+from lightning_devinterp.detection.detector import Transition, TransitionDetector
 
 
 class TransitionMonitor(Callback):

@@ -10,24 +10,19 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager as ContextManager
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_devinterp.data import MinibatchSource
-from lightning_devinterp.functional import LossFn
-from lightning_devinterp.llc import (
-    LLCEstimationError,
-    LLCResult,
-    SamplingConfig,
-    default_nbeta,
-    prepare_estimate,
-    run_chains,
-    summarize_chains,
-)
-from lightning_devinterp.params import ParamSelector
+from lightning_devinterp.sampling.chains import run_chains
+from lightning_devinterp.sampling.config import ESTIMATE_DEFAULTS, SamplingConfig, check_setting_names
+from lightning_devinterp.sampling.data import MinibatchSource
+from lightning_devinterp.sampling.inputs import prepare_estimate
+from lightning_devinterp.sampling.model_view import LossFn
+from lightning_devinterp.sampling.observables import Observable
+from lightning_devinterp.sampling.result import LLCEstimationError, LLCResult, summarize_chains
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +130,7 @@ def calibrate_on_source(
     epsilons: Sequence[float] | None = None,
     nbetas: Sequence[float] | None = None,
     num_chains: int | None = None,
+    observables: Sequence[Observable] = (),
     forward_context: Callable[[], ContextManager[Any]] = nullcontext,
 ) -> tuple[CalibrationResult, dict[tuple[float, float], LLCResult]]:
     """:func:`calibrate` on prepared data; also returns every estimate it ran, keyed by (epsilon, nbeta)."""
@@ -142,20 +138,22 @@ def calibrate_on_source(
     grid = sorted(float(e) for e in (epsilons if epsilons is not None else DEFAULT_EPSILONS))
     if not grid or any(not (math.isfinite(e) and e > 0) for e in grid):
         raise ValueError(f"epsilons must be positive finite numbers, got {list(grid)!r}.")
-    default = config.nbeta if config.nbeta is not None else default_nbeta(source.num_samples)
-    temperatures = [float(b) for b in (nbetas if nbetas is not None else [default])]
+    resolved = config.resolved(num_samples=source.num_samples, epsilon=grid[0])
+    temperatures = [float(b) for b in (nbetas if nbetas is not None else [resolved.nbeta])]
     if not temperatures or any(not (math.isfinite(b) and b > 0) for b in temperatures):
         raise ValueError(f"nbetas must be positive finite numbers, got {list(temperatures)!r}.")
-    chains = num_chains or config.num_chains
+    chains = num_chains or resolved.num_chains
     results: dict[tuple[float, float], LLCResult] = {}
     table: list[dict[str, Any]] = []
 
     def estimate(epsilon: float, nbeta: float) -> LLCResult | None:
         key = (epsilon, nbeta)
         if key not in results:
-            trial = dataclasses.replace(config, epsilon=epsilon, nbeta=nbeta)
+            trial = dataclasses.replace(resolved, epsilon=epsilon, nbeta=nbeta)
             try:
-                run = run_chains(model, loss_fn, source, trial, num_chains=chains, seed=seed, forward_context=forward_context)
+                run = run_chains(
+                    model, loss_fn, source, trial, num_chains=chains, seed=seed, observables=observables, forward_context=forward_context
+                )
                 results[key] = summarize_chains(run, trial)
             except LLCEstimationError:
                 table.append(_row(epsilon, nbeta, None, "all chains diverged"))
@@ -223,17 +221,9 @@ def calibrate(
     *,
     epsilons: Sequence[float] | None = None,
     nbetas: Sequence[float] | None = None,
-    gamma: float = 100.0,
-    num_chains: int = 4,
-    num_draws: int = 200,
-    num_burnin_steps: int = 100,
-    num_steps_bw_draws: int = 1,
-    batch_size: int | None = None,
-    params: ParamSelector = None,
-    sampler: str = "sgld",
     seed: int | None = None,
     device: str | torch.device | None = None,
-    vectorize: bool | Literal["auto"] = "auto",
+    **settings: Any,
 ) -> CalibrationResult:
     """Choose epsilon (and, if several are given, nbeta) by running short estimates on a grid.
 
@@ -245,20 +235,13 @@ def calibrate(
     halving epsilon (within 10% or two standard errors of the estimate at epsilon / 2). A diverging epsilon is never chosen; if
     nothing qualifies, ``best`` is None and ``message`` says what to try.
 
-    The model and the global RNG states are left as they were. Arguments are those of
-    :func:`~lightning_devinterp.estimate_llc`; every trial uses the same ``seed``.
+    The model and the global RNG states are left as they were. ``settings`` are the sampling settings of
+    :class:`~lightning_devinterp.SamplingConfig` (as for :func:`~lightning_devinterp.estimate_llc`; ``epsilon`` is
+    what is being chosen); every trial uses the same ``seed``.
     """
-    config = SamplingConfig(
-        num_chains=num_chains,
-        num_draws=num_draws,
-        num_burnin_steps=num_burnin_steps,
-        num_steps_bw_draws=num_steps_bw_draws,
-        epsilon="auto",
-        gamma=gamma,
-        batch_size=batch_size,
-        params=params,
-        sampler=sampler,
-        vectorize=vectorize,
-    )
+    if "epsilon" in settings:
+        raise TypeError("calibrate chooses epsilon: pass the grid as epsilons=[...], not epsilon.")
+    check_setting_names(settings)
+    config = SamplingConfig(**settings, epsilon="auto").with_defaults(**ESTIMATE_DEFAULTS)
     loss_fn, source, seed = prepare_estimate(model, data, loss_fn, config, seed=seed, device=device)
     return calibrate_on_source(model, loss_fn, source, config, seed=seed, epsilons=epsilons, nbetas=nbetas)[0]

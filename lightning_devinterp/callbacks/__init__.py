@@ -1,0 +1,1 @@
+"""The thin Lightning layer: callbacks that decide when to estimate, gather the data, and report."""

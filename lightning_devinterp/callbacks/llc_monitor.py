@@ -1,0 +1,304 @@
+"""LLCMonitor: estimate the local learning coefficient during ``Trainer.fit`` and log it beside the loss.
+
+The callback is the Lightning adapter: its hooks decide *when*, :class:`~lightning_devinterp.callbacks.tracker.LLCTracker`
+does the work, :mod:`~lightning_devinterp.callbacks.reporting` writes the results; the callback also holds the
+persisted state and the error policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader
+
+from lightning_devinterp._checks import check_callable, check_count, is_integer
+from lightning_devinterp._rng import preserved_rng_states
+from lightning_devinterp.callbacks.reporting import (
+    TransitionHook,
+    announce_transition,
+    report_calibration,
+    report_estimate,
+    write_run_header,
+)
+from lightning_devinterp.callbacks.schedule import EstimateSchedule
+from lightning_devinterp.callbacks.tracker import EstimateInputs, LLCRecord, LLCTracker, Processes
+from lightning_devinterp.callbacks.training_data import TrainingData
+from lightning_devinterp.detection.detector import Transition, TransitionDetector
+from lightning_devinterp.sampling.calibration import CalibrationResult
+from lightning_devinterp.sampling.config import SamplingConfig, check_setting_names
+from lightning_devinterp.sampling.model_view import LossFn, resolve_loss_fn
+from lightning_devinterp.sampling.params import select_parameter_names
+
+log = logging.getLogger(__name__)
+
+SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+
+MONITOR_DEFAULTS = {"num_chains": 4, "num_draws": 100, "num_burnin_steps": 50}
+"""Chain shape of the monitor's estimates: lighter than a one-off estimate, because they repeat."""
+
+
+class LLCEstimateWarning(UserWarning):
+    """An estimate failed and was skipped (``on_error="warn"``), or was marked unhealthy; training went on."""
+
+
+class LLCMonitor(Callback):
+    """Estimate λ̂ every so often during training, log it to every logger, and flag sudden jumps.
+
+    Add it to a Trainer and nothing else changes: the estimate runs on the live module through a functional view
+    (no deep copy), from a private data stream and private generators, so a seeded run ends with bit-identical
+    weights and RNG states with or without the monitor.
+
+    Schedule (choose at most one; default ``max_overhead=0.1``): ``every_n_steps``, ``log_spaced`` (K estimates
+    log-uniform over the run) or ``max_overhead`` (estimate whenever the monitor's share of wall time stays at or
+    below this fraction). Estimates also run at step 0 and at the end of training (the latter within the budget in
+    ``max_overhead`` mode). Under ``fast_dev_run`` the monitor does nothing.
+
+    Sampling settings (``**sampling``) are those of :class:`~lightning_devinterp.SamplingConfig`, as for
+    :func:`~lightning_devinterp.estimate_llc`; the chain shape defaults here are lighter (4 chains, 100 draws after
+    50 burn-in steps) because estimates repeat. ``epsilon="auto"`` runs :func:`~lightning_devinterp.calibrate` at
+    the first estimate and keeps its choice for the whole run (logged as ``llc/epsilon``, with the calibration
+    table as TensorBoard text, and kept in checkpoints); while no epsilon qualifies (early in training w* is rarely
+    near a minimum) the estimate is skipped with a warning and calibration is retried at the next one. ``nbeta``
+    defaults to ``n / log n`` with n the training set size; for an iterable training set without a length, pass
+    ``nbeta``.
+
+    Data: by default a private view of the training dataset (its collate_fn, the training batch size, its own
+    generator, no workers); for an iterable dataset, the last ``buffer_size`` training batches. Or pass
+    ``dataloader``. Loss: ``loss_fn(module, batch)``, default the module's ``training_step`` loss with ``self.log``
+    silenced (modules with manual optimization must pass ``loss_fn``).
+
+    Logged at ``trainer.global_step`` to every logger: ``llc/mean``, ``llc/std``, ``llc/lower``, ``llc/upper``
+    (mean ± std), ``llc/init_loss``, ``llc/nbeta``, ``llc/epsilon``, ``llc/acceptance`` (mean MALA acceptance),
+    ``llc/healthy`` (1 or 0) and ``llc/seconds``. ``llc/mean``
+    is also in ``trainer.callback_metrics`` (for EarlyStopping/ModelCheckpoint) and the progress bar shows ``llc``.
+    With a TensorBoardLogger a custom-scalars layout ("devinterp") and the configuration as text are written once.
+
+    Transitions: each estimate is fed to ``detector`` (a :class:`TransitionDetector` by default; ``False`` turns
+    detection off); a jump warns with :class:`TransitionWarning`, is logged, optionally checkpointed
+    (``save_checkpoint``) and passed to ``on_transition(trainer, pl_module, transition)``.
+
+    Faults: an estimate that raises is reported as :class:`LLCEstimateWarning` and skipped (``on_error="warn"``)
+    or re-raised (``"raise"``). Under DDP the chains are split across ranks and gathered, so every rank holds the
+    same history; sharded strategies (FSDP, DeepSpeed, ModelParallel) are rejected.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        log_spaced: int | None = None,
+        max_overhead: float | None = None,
+        loss_fn: LossFn | None = None,
+        dataloader: DataLoader | None = None,
+        seed: int = 0,
+        detector: TransitionDetector | Literal[False] | None = None,
+        on_transition: TransitionHook | None = None,
+        save_checkpoint: bool = False,
+        on_error: Literal["warn", "raise"] = "warn",
+        buffer_size: int = 32,
+        **sampling: Any,
+    ) -> None:
+        super().__init__()
+        check_setting_names(sampling)
+        self.config = SamplingConfig(**sampling).with_defaults(**MONITOR_DEFAULTS)
+        self.schedule = EstimateSchedule(every_n_steps, log_spaced, max_overhead)
+        check_callable("loss_fn", loss_fn, "loss_fn(module, batch)")
+        if dataloader is not None and not isinstance(dataloader, DataLoader):
+            raise TypeError(f"dataloader must be a torch DataLoader, got {type(dataloader).__name__}.")
+        if not is_integer(seed):
+            raise ValueError(f"seed must be an integer, got {seed!r}.")
+        if detector is not None and detector is not False and not isinstance(detector, TransitionDetector):
+            raise TypeError(f"detector must be a TransitionDetector, False or None, got {type(detector).__name__}.")
+        check_callable("on_transition", on_transition, "on_transition(trainer, pl_module, transition)")
+        if on_error not in ("warn", "raise"):
+            raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}.")
+        check_count("buffer_size", buffer_size, 1)
+        self.loss_fn = loss_fn
+        self.seed = seed
+        self.on_transition = on_transition
+        self.save_checkpoint = save_checkpoint
+        self.on_error = on_error
+        self.data = TrainingData(dataloader, self.config.batch_size, buffer_size)
+        self.tracker = LLCTracker(
+            self.config, seed, None if detector is False else detector if detector is not None else TransitionDetector(metric="llc/mean")
+        )
+        self._warned_unhealthy = False
+        self._disabled = False
+        self._resolved_loss: LossFn | None = None
+
+    # ---- what the tracker holds, under the names users know ------------------------------------------------
+
+    @property
+    def history(self) -> list[LLCRecord]:
+        """Every estimate of the run, in step order."""
+        return self.tracker.history
+
+    @property
+    def transitions(self) -> list[Transition]:
+        """Every transition the detector reported (onsets and ends)."""
+        return self.tracker.transitions
+
+    @property
+    def detector(self) -> TransitionDetector | None:
+        return self.tracker.detector
+
+    @property
+    def calibration(self) -> CalibrationResult | None:
+        """The calibration behind ``epsilon="auto"``, once it has chosen."""
+        return self.tracker.calibration
+
+    @property
+    def epsilon(self) -> float | None:
+        """The SGLD step size in use; with ``epsilon="auto"``, None until calibration has chosen one."""
+        return self.tracker.epsilon
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            every_n_steps=self.schedule.every_n_steps,
+            log_spaced=self.schedule.log_spaced,
+            max_overhead=self.schedule.max_overhead,
+            params=self.config.params,
+            seed=self.seed,
+        )
+
+    # ---- set-up --------------------------------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if isinstance(trainer.strategy, SHARDED_STRATEGIES):
+            raise MisconfigurationException(
+                f"LLCMonitor does not support {type(trainer.strategy).__name__}: each rank holds only a shard of the "
+                "parameters. Use DDP (chains are split across ranks) or a single device."
+            )
+        if self.loss_fn is None and not pl_module.automatic_optimization:
+            raise MisconfigurationException(
+                "LLCMonitor: this module uses manual optimization, so its training_step steps the optimizer and "
+                "cannot serve as a loss. Pass loss_fn=lambda module, batch: ..."
+            )
+        if trainer.world_size > self.config.num_chains:
+            raise MisconfigurationException(
+                f"LLCMonitor: num_chains={self.config.num_chains} cannot be split across {trainer.world_size} processes; "
+                f"use at least {trainer.world_size} chains."
+            )
+        self._resolved_loss = resolve_loss_fn(pl_module, self.loss_fn)
+        select_parameter_names(pl_module, self.config.params)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.fast_dev_run:
+            self._disabled = True
+            rank_zero_info("LLCMonitor: fast_dev_run is set, so no LLC estimates are taken.")
+            return
+        self._disabled = False
+        total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
+        self.schedule.start(int(total) if math.isfinite(total) else None)
+        started = time.perf_counter()
+        with preserved_rng_states():
+            self.data.prepare(trainer, pl_module.device)
+        try:
+            self.tracker.start(self.data.num_samples)
+        except ValueError as error:
+            raise MisconfigurationException(f"LLCMonitor: the training set has no length. {error}") from None
+        self.schedule.charge(time.perf_counter() - started)
+        settings = {**dataclasses.asdict(self.config), "nbeta (used)": self.tracker.nbeta, "schedule": self.schedule.describe(), "seed": self.seed}
+        write_run_header(trainer, settings)
+        rank_zero_info(f"LLCMonitor: estimating {self.schedule.describe()}, nbeta = {self.tracker.nbeta:.6g}.")
+        if trainer.global_step == 0 and self.tracker.last_step < 0 and not self.data.buffers_batches:
+            self._estimate(trainer, pl_module)
+
+    # ---- when ----------------------------------------------------------------------------------------------
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        """Buffer the batch (iterable data); with a buffer, the step-0 estimate waits for this first batch."""
+        if self._disabled or not self.data.buffers_batches:
+            return
+        self.data.remember(batch)
+        if trainer.global_step == 0 and self.tracker.last_step < 0:
+            self._estimate(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._disabled:
+            return
+        step = trainer.global_step
+        if step > self.tracker.last_step and self._agreed(trainer, self.schedule.is_due(step)):
+            self._estimate(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._disabled or trainer.global_step <= self.tracker.last_step:
+            return
+        if self._agreed(trainer, self.schedule.within_budget()):
+            self._estimate(trainer, pl_module)
+
+    def _agreed(self, trainer: pl.Trainer, decision: bool) -> bool:
+        """Rank zero's decision on every rank: time-based decisions could differ and deadlock the gather."""
+        if trainer.world_size > 1 and self.schedule.is_budgeted:
+            return bool(trainer.strategy.broadcast(decision, src=0))
+        return decision
+
+    # ---- doing it, under the error policy -------------------------------------------------------------------
+
+    def _estimate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = trainer.global_step
+        self.tracker.last_step = step
+        started = time.perf_counter()
+        processes = Processes(trainer.world_size, trainer.global_rank, trainer.strategy if trainer.world_size > 1 else None)
+        assert self._resolved_loss is not None
+        try:
+            with preserved_rng_states():
+                source = self.data.source(pl_module.device)
+            inputs = EstimateInputs(pl_module, self._resolved_loss, source, processes, trainer.strategy.precision_plugin.forward_context)
+            if self.tracker.epsilon is None:
+                calibration = self.tracker.calibrate(step, inputs)
+                rank_zero_info(
+                    f"LLCMonitor: epsilon = {self.tracker.epsilon:g}, chosen at step {step} in {calibration.seconds:.1f}s: {calibration.message}"
+                )
+                report_calibration(trainer, calibration, step)
+            result = self.tracker.sample(step, inputs)
+        except Exception as error:
+            self.schedule.record(time.perf_counter() - started)
+            if self.on_error == "raise":
+                raise
+            rank_zero_warn(
+                f"LLCMonitor: the estimate at step {step} failed and was skipped ({type(error).__name__}: {error}). "
+                "Training continues.",
+                category=LLCEstimateWarning,
+            )
+            return
+        record = self.tracker.record(step, result, time.perf_counter() - started)
+        report_estimate(trainer, record)
+        self._warn_once_if_unhealthy(record)
+        transition = self.tracker.detect(record)
+        if transition is not None:
+            announce_transition(trainer, pl_module, transition, on_transition=self.on_transition, save_checkpoint=self.save_checkpoint)
+        self.schedule.record(time.perf_counter() - started)
+
+    def _warn_once_if_unhealthy(self, record: LLCRecord) -> None:
+        if record.healthy or self._warned_unhealthy:
+            return
+        self._warned_unhealthy = True
+        rank_zero_warn(
+            f"LLCMonitor: the estimate at step {record.step} is marked unhealthy: {' '.join(record.result.warnings)} "
+            "Later unhealthy estimates are marked by llc/healthy = 0 and in the INFO log, without another warning.",
+            category=LLCEstimateWarning,
+        )
+
+    # ---- persistence ---------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.tracker.state_dict(), "schedule": self.schedule.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.tracker.load_state_dict(state_dict)
+        self.schedule.load_state_dict(state_dict["schedule"])
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.data.release()

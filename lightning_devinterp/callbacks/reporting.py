@@ -1,0 +1,128 @@
+"""Where results go: scalars to every logger, TensorBoard layout and text, and transition alerts."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lightning_devinterp.callbacks.tracker import LLCRecord
+from lightning_devinterp.detection.detector import Transition, TransitionWarning
+from lightning_devinterp.sampling.calibration import CalibrationResult
+
+log = logging.getLogger(__name__)
+
+TransitionHook = Callable[[pl.Trainer, pl.LightningModule, Transition], None]
+
+TENSORBOARD_LAYOUT = {
+    "devinterp": {
+        "LLC (mean ± std over chains)": ["Margin", ["llc/mean", "llc/lower", "llc/upper"]],
+        "LLC and training loss": ["Multiline", [r"^llc/mean$", r"^(train[_/-]?)?loss(_step|_epoch)?$"]],
+        "LLC health (1 = healthy)": ["Multiline", [r"^llc/healthy$"]],
+        "Transitions (score)": ["Multiline", [r"^transitions/.*"]],
+    }
+}
+"""The custom-scalars charts written once per run (TensorBoard regexes are matched with ``re.match``)."""
+
+
+def tensorboard_loggers(trainer: pl.Trainer) -> list[TensorBoardLogger]:
+    return [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+
+
+def log_scalars(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
+    """Write ``metrics`` at ``step`` to every logger directly, bypassing ``log_every_n_steps`` (loggers are rank-zero only)."""
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=step)
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])
+
+
+def write_run_header(trainer: pl.Trainer, settings: dict[str, Any]) -> None:
+    """The custom-scalars layout and the monitor's settings as a text table, once per TensorBoard run."""
+    table = markdown_table(["setting", "value"], [[key, value] for key, value in settings.items()])
+    for logger in tensorboard_loggers(trainer):
+        logger.experiment.add_custom_scalars(TENSORBOARD_LAYOUT)
+        logger.experiment.add_text("devinterp/config", table, global_step=trainer.global_step)
+
+
+def report_calibration(trainer: pl.Trainer, calibration: CalibrationResult, step: int) -> None:
+    """The calibration's message and table as TensorBoard text."""
+    rows = sorted(calibration.table, key=lambda row: (row["nbeta"], row["epsilon"]))
+    table = markdown_table(
+        ["epsilon", "nbeta", "llc", "acceptance", "healthy", "stable"],
+        [[f"{r['epsilon']:.3g}", f"{r['nbeta']:.4g}", f"{r['llc_mean']:.4g}", f"{r['acceptance']:.3f}", r["healthy"], r["stable"]] for r in rows],
+    )
+    for logger in tensorboard_loggers(trainer):
+        logger.experiment.add_text("devinterp/calibration", f"{calibration.message}\n\n{table}", global_step=step)
+
+
+def report_estimate(trainer: pl.Trainer, record: LLCRecord) -> None:
+    """``llc/*`` scalars to every logger at the estimate's step; ``llc/mean`` into callback metrics and the progress bar."""
+    result = record.result
+    log_scalars(
+        trainer,
+        {
+            "llc/mean": record.llc_mean,
+            "llc/std": record.llc_std,
+            "llc/lower": record.llc_mean - record.llc_std,
+            "llc/upper": record.llc_mean + record.llc_std,
+            "llc/init_loss": result.init_loss,
+            "llc/nbeta": result.nbeta,
+            "llc/acceptance": result.acceptance_mean,
+            "llc/epsilon": result.epsilon,
+            "llc/healthy": float(result.healthy),
+            "llc/seconds": record.seconds,
+        },
+        record.step,
+    )
+    trainer.callback_metrics["llc/mean"] = torch.tensor(record.llc_mean)
+    trainer.progress_bar_metrics["llc"] = round(record.llc_mean, 3)
+    if trainer.is_global_zero:
+        log.info(
+            "step %d: llc = %.4g ± %.3g (%.2fs)%s", record.step, record.llc_mean, record.llc_std, record.seconds,
+            "" if result.healthy else " [unhealthy: " + " ".join(result.warnings) + "]",
+        )
+
+
+def transition_checkpoint_path(trainer: pl.Trainer, transition: Transition) -> str:
+    """``<checkpoint dir>/transition-<metric>-step=<step>.ckpt``, beside the trainer's own checkpoints."""
+    callback = trainer.checkpoint_callback
+    directory = getattr(callback, "dirpath", None) or os.path.join(trainer.log_dir or trainer.default_root_dir, "checkpoints")
+    metric = transition.metric.replace("/", "_")
+    return os.path.join(directory, f"transition-{metric}-step={transition.step}.ckpt")
+
+
+def announce_transition(
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    transition: Transition,
+    *,
+    on_transition: TransitionHook | None,
+    save_checkpoint: bool,
+) -> None:
+    """Warn (rank zero), log a marker scalar and a text entry, optionally checkpoint, then call the user's hook.
+
+    Runs on every rank with the same ``transition`` (decisions are made from gathered values), so the collective
+    checkpoint save is safe under DDP.
+    """
+    message = transition.describe()
+    rank_zero_warn(message, category=TransitionWarning)
+    if trainer.is_global_zero:
+        log.warning(message)
+    log_scalars(trainer, {f"transitions/{transition.metric}": transition.score}, transition.step)
+    for logger in tensorboard_loggers(trainer):
+        logger.experiment.add_text(f"transitions/{transition.metric}", message, global_step=transition.step)
+        logger.experiment.flush()
+    if save_checkpoint:
+        trainer.save_checkpoint(transition_checkpoint_path(trainer, transition))
+    if on_transition is not None:
+        on_transition(trainer, pl_module, transition)

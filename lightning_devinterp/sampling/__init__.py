@@ -1,0 +1,1 @@
+"""Lightning-free core: everything one LLC estimate needs, from sampling settings to the summarized result."""

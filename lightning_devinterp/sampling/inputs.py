@@ -1,0 +1,35 @@
+"""Check and prepare what every entry point receives: the model, its data, the loss and the seed."""
+
+from __future__ import annotations
+
+import secrets
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_devinterp._rng import preserved_rng_states
+from lightning_devinterp.sampling.config import SamplingConfig
+from lightning_devinterp.sampling.data import MinibatchSource
+from lightning_devinterp.sampling.model_view import LossFn, resolve_loss_fn
+from lightning_devinterp.sampling.params import select_parameter_names
+
+
+def prepare_estimate(
+    model: nn.Module,
+    data: DataLoader | Dataset,
+    loss_fn: LossFn | None,
+    config: SamplingConfig,
+    *,
+    seed: int | None,
+    device: str | torch.device | None,
+) -> tuple[LossFn, MinibatchSource, int]:
+    """Check the model, resolve the loss and the seed, and read the data: what every public entry point needs first."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    loss_fn = resolve_loss_fn(model, loss_fn)
+    select_parameter_names(model, config.params)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    with preserved_rng_states():
+        source = MinibatchSource(data, config.batch_size, device)
+    return loss_fn, source, secrets.randbits(63) if seed is None else int(seed)

@@ -1,0 +1,111 @@
+"""The LLC estimate made from raw chains: ``LLCResult`` and the summary that produces it, health findings included."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from lightning_devinterp.sampling.chains import ChainRun
+from lightning_devinterp.sampling.config import SamplingConfig
+from lightning_devinterp.sampling.health import diagnose, first_failures
+
+
+class LLCEstimationError(RuntimeError):
+    """No estimate could be made: every chain diverged, or (in the monitor) there was no data or another rank failed."""
+
+
+@dataclass(frozen=True)
+class LLCResult:
+    """One LLC estimate: ``llc = nbeta * (mean of the draws - L(w*))`` per chain, then mean and std over chains.
+
+    Chains that diverged are excluded from ``llc_mean``/``llc_std`` and hold NaN in ``llc_per_chain`` and
+    ``acceptance``; ``loss_trace`` holds NaN from the draw where they failed. ``llc_std`` is NaN with fewer than two
+    chains left. ``acceptance`` is each chain's mean MALA acceptance probability of its SGLD proposals.
+    ``calibration`` is the :class:`~lightning_devinterp.CalibrationResult` behind ``epsilon="auto"``, else None.
+    ``observations`` holds the traces ``[num_chains, num_draws, ...]`` of any extra observables passed in.
+    """
+
+    llc_mean: float
+    llc_std: float
+    llc_per_chain: Tensor
+    loss_trace: Tensor
+    acceptance: Tensor
+    init_loss: float
+    nbeta: float
+    warnings: list[str] = field(default_factory=list)
+    failed_chains: tuple[int, ...] = ()
+    epsilon: float = 0.0
+    gamma: float = 0.0
+    sampler: str = "sgld"
+    num_samples: int = 0
+    seed: int = 0
+    vectorized: bool = True
+    calibration: Any = None
+    observations: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def acceptance_mean(self) -> float:
+        """Mean MALA acceptance probability of the surviving chains' proposals; healthy chains sit near 0.9."""
+        return float(self.acceptance.nanmean())
+
+    @property
+    def num_chains_used(self) -> int:
+        """Chains that did not diverge: those behind ``llc_mean`` and ``llc_std``."""
+        return self.llc_per_chain.numel() - len(self.failed_chains)
+
+    @property
+    def healthy(self) -> bool:
+        """True when no diagnostic found a reason to distrust the estimate (see ``warnings``)."""
+        return not self.warnings
+
+
+def summarize_chains(run: ChainRun, config: SamplingConfig) -> LLCResult:
+    """The LLC estimate and its health findings from raw chains (possibly gathered from several processes)."""
+    assert config.num_burnin_steps is not None
+    failures = first_failures(run.failed_at)
+    draws = run.observations["loss"].clone()
+    num_chains, num_draws = draws.shape
+    draw_steps = [config.num_burnin_steps + index * config.num_steps_bw_draws for index in range(num_draws)]
+    for chain, step in failures.items():
+        draws[chain, [index for index, draw_step in enumerate(draw_steps) if draw_step >= step]] = float("nan")
+    llc_per_chain = run.nbeta * (draws.mean(dim=1) - run.init_loss)
+    alive = [chain for chain in range(num_chains) if chain not in failures]
+    if not alive:
+        raise LLCEstimationError(
+            f"all {num_chains} chains diverged (loss became NaN/Inf; first at step {min(failures.values())}); "
+            f"try a smaller epsilon than {config.epsilon:g} or a larger gamma than {config.gamma:g}."
+        )
+    llc_mean = float(llc_per_chain[alive].mean())
+    llc_std = float(llc_per_chain[alive].std()) if len(alive) > 1 else float("nan")
+    acceptance = run.acceptance.clone()
+    acceptance[list(failures)] = float("nan")
+    findings = diagnose(
+        draws,
+        run.init_loss,
+        llc_mean,
+        failures,
+        acceptance=acceptance,
+        epsilon=config.epsilon,
+        num_burnin_steps=config.num_burnin_steps,
+        num_steps_bw_draws=config.num_steps_bw_draws,
+    )
+    return LLCResult(
+        llc_mean=llc_mean,
+        llc_std=llc_std,
+        llc_per_chain=llc_per_chain.float(),
+        loss_trace=draws.float(),
+        acceptance=acceptance.float(),
+        init_loss=run.init_loss,
+        nbeta=run.nbeta,
+        warnings=findings,
+        failed_chains=tuple(sorted(failures)),
+        epsilon=float(config.epsilon),
+        gamma=float(config.gamma),
+        sampler=config.sampler,
+        num_samples=run.num_samples,
+        seed=run.seed,
+        vectorized=run.vectorized,
+        observations={name: trace for name, trace in run.observations.items() if name != "loss"},
+    )

@@ -19,7 +19,7 @@ from lightning_devinterp.detection.detector import Transition, detect_transition
 from lightning_devinterp.sampling.config import ESTIMATE_DEFAULTS, SamplingConfig
 from lightning_devinterp.sampling.result import LLCEstimationError
 
-RESULT_COLUMNS = ["step", "checkpoint", "llc_mean", "llc_std", "init_loss", "acceptance", "healthy", "seconds"]
+RESULT_COLUMNS = ["step", "checkpoint", "llc_mean", "llc_std", "init_loss", "acceptance", "epsilon", "healthy", "seconds"]
 
 
 class CLIError(Exception):
@@ -137,10 +137,17 @@ def _checkpoint_step(path: Path) -> int:
 
 
 def _done_steps(csv_path: Path) -> set[int]:
+    """Steps already in ``csv_path`` (a previous run of analyze), so that a rerun skips them."""
     if not csv_path.exists():
         return set()
     with csv_path.open() as handle:
-        return {int(row["step"]) for row in csv.DictReader(handle)}
+        reader = csv.DictReader(handle)
+        if reader.fieldnames != RESULT_COLUMNS:
+            raise CLIError(f"{csv_path} exists but was not written by this version of analyze (its columns differ); choose another -o")
+        try:
+            return {int(row["step"]) for row in reader}
+        except (TypeError, ValueError):
+            raise CLIError(f"{csv_path} has a row whose step is not an integer; fix or remove the file") from None
 
 
 def analyze(
@@ -184,7 +191,7 @@ def analyze(
             writer.writerow(
                 {
                     "step": step, "checkpoint": str(path), "llc_mean": result.llc_mean, "llc_std": result.llc_std,
-                    "init_loss": result.init_loss, "acceptance": result.acceptance_mean, "healthy": result.healthy,
+                    "init_loss": result.init_loss, "acceptance": result.acceptance_mean, "epsilon": result.epsilon, "healthy": result.healthy,
                     "seconds": round(time.perf_counter() - started, 3),
                 }
             )

@@ -1,4 +1,5 @@
-"""Known learning coefficients, for checking estimates: Aoyagi's closed form for deep linear networks (Aoyagi 2024)."""
+"""Known learning coefficients, for checking estimates: Aoyagi's closed form for deep linear networks (Aoyagi 2024),
+and the exact expectation of the SGLD estimator on a quadratic loss."""
 
 from __future__ import annotations
 
@@ -39,3 +40,16 @@ def aoyagi_lambda(widths: list[int], rank: int) -> float:
         - (ell * (ell - 1) / 4) * (S / ell) ** 2
         + pairs / 2
     )
+
+
+def quadratic_sgld_llc(curvatures: list[float], nbeta: float, gamma: float, epsilon: float) -> float:
+    """Stationary E[λ̂] of the discretized SGLD chain for L(w) = ½ Σ h_i w_i² (GUIDE section 2)::
+
+        Σ_i (nβ h_i / 2) / ((nβ h_i + γ) (1 − ε (nβ h_i + γ) / 4))
+
+    ``epsilon=0`` gives the continuous-time value. The chain is stable only if ε (nβ h_i + γ) < 4 for every i.
+    """
+    for h in curvatures:
+        if epsilon * (nbeta * h + gamma) >= 4:
+            raise ValueError(f"epsilon = {epsilon:g} is unstable for curvature {h:g}: need epsilon (nbeta h + gamma) < 4.")
+    return sum((nbeta * h / 2) / ((nbeta * h + gamma) * (1 - epsilon * (nbeta * h + gamma) / 4)) for h in curvatures)

@@ -25,7 +25,7 @@ if __name__ == "__main__":
         "steps": [r.step for r in monitor.history],
         "llc": [r.llc_mean for r in monitor.history],
         "per_chain": [r.result.llc_per_chain.tolist() for r in monitor.history],
-        "callback_metric": float(trainer.callback_metrics["llc/mean"]),
+        "callback_metric": float(trainer.callback_metrics["llc/mean"]) if "llc/mean" in trainer.callback_metrics else None,
         "loss_detector": watcher.detector.state_dict(),
     }
     with open(os.path.join(out_dir, f"rank{trainer.global_rank}.json"), "w") as handle:

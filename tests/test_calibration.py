@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_devinterp.sampling.calibration as calibration_module
 from lightning_devinterp import LLCEstimationError, LLCMonitor, calibrate, estimate_llc
-from lightning_devinterp.theory import aoyagi_lambda
+from lightning_devinterp.theory import aoyagi_lambda, quadratic_sgld_llc
 from lightning_helpers import make_trainer
 from models import Potential, deep_linear_network, gaussian_nll, set_to_rank, teacher_data
 
@@ -28,29 +28,60 @@ def test_auto_epsilon_recovers_half_the_parameter_count_of_linear_regression():
     assert result.healthy and result.acceptance_mean >= 0.95
 
 
-@pytest.mark.parametrize(("widths", "rank"), [([5, 3, 5], 0), ([2, 2, 2], 1)])
+@pytest.mark.slow
+@pytest.mark.parametrize(("widths", "rank"), [([5, 3, 5], 0), ([2, 2, 2], 1), ([4, 3, 8], 0)])
 def test_auto_epsilon_matches_aoyagi_within_15_percent(widths, rank):
+    """At published-style settings (8 chains, 2000 burn-in steps, 3000 draws, gamma = 1, nbeta = n / log n)."""
     generator = torch.Generator().manual_seed(sum(widths) + rank)
     network = deep_linear_network(widths)
     set_to_rank(network, rank, generator)
     data = teacher_data(network, 20000, generator, noise=0.0)
     result = estimate_llc(
-        network, data, gaussian_nll, batch_size=500, gamma=1.0, num_chains=8, num_draws=1000, num_burnin_steps=1000, seed=0, epsilon="auto"
+        network, data, gaussian_nll, batch_size=500, gamma=1.0, num_chains=8, num_draws=3000, num_burnin_steps=2000, seed=0, epsilon="auto"
     )
     assert result.llc_mean == pytest.approx(aoyagi_lambda(widths, rank), rel=0.15)
+    assert "plateau" in result.calibration.message
+
+
+def test_the_choice_lies_on_a_plateau_near_the_continuous_time_value():
+    """L = ½ Σ h w²: λ̂ at the chosen epsilon is within 5% of the epsilon -> 0 value, which acceptance alone misses."""
+    h, nbeta, gamma = [0.5, 1.0, 2.0, 4.0], 100.0, 10.0
+    curvature = torch.tensor(h)
+    data = TensorDataset(torch.zeros(16, 1))
+    result = calibrate(
+        Potential(4), data, lambda model, batch: 0.5 * (curvature * model.w**2).sum(), nbetas=[nbeta], gamma=gamma,
+        batch_size=4, num_chains=16, num_draws=1000, num_burnin_steps=300, seed=0,
+    )
+    assert result.best is not None, result.message
+    assert result.best.llc_mean == pytest.approx(quadratic_sgld_llc(h, nbeta, gamma, 0.0), rel=0.05)
+    top = result.table[0]
+    assert top["epsilon"] > result.best.epsilon  # the adapted top of the range was passed over for the plateau
+
+
+def test_lambda_rising_across_the_grid_is_declined_with_advice():
+    """200 directions, nbeta h + gamma = 101, and 50 steps: only the adapted top step lets the chains settle, so λ̂
+    (100 when settled) halves with each halving of the step. A slope, not a plateau: nothing may be chosen."""
+    data = TensorDataset(torch.zeros(16, 1))
+    result = calibrate(
+        Potential(200), data, lambda model, batch: 0.5 * (model.w**2).sum(), nbetas=[100.0], gamma=1.0, batch_size=4,
+        num_chains=16, num_draws=40, num_burnin_steps=10, seed=0,
+    )
+    assert result.best is None
+    assert "rises with epsilon" in result.message and "larger gamma" in result.message
 
 
 def test_diverging_epsilons_are_never_chosen():
     """L = ½ · 10 · |w|² at nbeta = 1000: the SGLD update is unstable for epsilon > 4 / (nbeta h + gamma) ≈ 4e-4."""
     data = TensorDataset(torch.zeros(16, 1))
+    grid = [3e-3 / 2**k for k in range(12)]
     result = calibrate(
-        Potential(3), data, lambda model, batch: 5.0 * (model.w**2).sum(), nbetas=[1000.0], batch_size=4, gamma=1.0, num_draws=200, seed=0,
+        Potential(3), data, lambda model, batch: 5.0 * (model.w**2).sum(), epsilons=grid, nbetas=[1000.0], batch_size=4,
+        gamma=1.0, num_draws=400, seed=0,
     )
     diverged = [row["epsilon"] for row in result.table if row["diverged"]]
     assert diverged and min(diverged) > 4e-4
     assert result.best is not None and result.best.epsilon < 4 / (1000 * 10 + 1)
-    assert "largest epsilon" in result.best.reason
-    assert any("skipped" in row["warnings"][0] for row in result.table if row["diverged"] and not row["ran"])
+    assert "plateau" in result.best.reason
 
 
 def test_calibration_leaves_model_and_global_rng_untouched():

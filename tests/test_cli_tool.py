@@ -12,7 +12,7 @@ from lightning_devinterp import LLCMonitor
 from lightning_devinterp.cli import main
 from lightning_helpers import QUICK, Regressor, make_trainer, regression_loader
 
-ANALYZE = ["--module", "lightning_helpers:Regressor", "--data", "lightning_helpers:regression_loader", "--num-draws", "20", "--num-burnin-steps", "5"]
+ANALYZE = ["--module", "lightning_helpers:Regressor", "--data", "lightning_helpers:regression_loader", "--num-draws", "20", "--num-burnin-steps", "10"]
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +56,7 @@ def test_analyze_estimates_each_checkpoint_in_step_order_and_resumes(trained_run
         rows = list(csv.DictReader(handle))
     assert [int(row["step"]) for row in rows] == [5, 10, 15]
     assert all(float(row["acceptance"]) > 0 for row in rows)
+    assert all(float(row["epsilon"]) > 0 for row in rows)  # the adapted step of each estimate
     assert table.with_suffix(".png").exists() and (tmp_path / "llc_transitions.csv").exists()
     capsys.readouterr()
     assert main(["analyze", str(trained_run / "ckpt"), *ANALYZE, "-o", str(table)]) == 0

@@ -6,16 +6,11 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from lightning_devinterp.theory import aoyagi_lambda
+from lightning_devinterp.theory import aoyagi_lambda, quadratic_sgld_llc
 from lightning_devinterp import estimate_llc
 from models import Potential, deep_linear_network, gaussian_nll, set_to_rank, teacher_data
 
 NO_DATA = TensorDataset(torch.zeros(64, 1))
-
-
-def exact_quadratic_llc(h: list[float], nbeta: float, gamma: float, epsilon: float) -> float:
-    """Stationary E[λ̂] of the discretized chain for L(w) = ½ Σ h_i w_i² (GUIDE section 2)."""
-    return sum((nbeta * hi / 2) / ((nbeta * hi + gamma) * (1 - epsilon * (nbeta * hi + gamma) / 4)) for hi in h)
 
 
 @pytest.mark.parametrize(
@@ -40,7 +35,7 @@ def test_quadratic_matches_exact_sgld_formula_within_3_percent(h, nbeta, gamma, 
         num_burnin_steps=300,
         seed=0,
     )
-    expected = exact_quadratic_llc(h, nbeta, gamma, epsilon)
+    expected = quadratic_sgld_llc(h, nbeta, gamma, epsilon)
     assert result.llc_mean == pytest.approx(expected, rel=0.03)
     # Deliberately coarse steps: the discrete chain is exact, but far from the continuous-time λ, and says so.
     assert any("MALA acceptance" in w for w in result.warnings)
@@ -98,5 +93,5 @@ def test_polynomial_potential_w1_squared_plus_w2_to_the_fourth():
         num_burnin_steps=1000,
         seed=0,
     )
-    expected = exact_quadratic_llc([2.0], nbeta, gamma, epsilon) + 0.25
+    expected = quadratic_sgld_llc([2.0], nbeta, gamma, epsilon) + 0.25
     assert result.llc_mean == pytest.approx(expected, rel=0.10)

@@ -17,7 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_devinterp import LLCEstimateWarning, LLCMonitor, TransitionDetector
-from lightning_helpers import QUICK, Regressor, make_trainer, regression_loader
+from lightning_helpers import QUICK, AtMinimum, Regressor, make_trainer, regression_loader
 from models import gaussian_nll
 
 
@@ -71,20 +71,32 @@ def test_tensorboard_gets_every_estimate_at_its_step_and_the_layout(tmp_path):
     assert events.Scalars("llc/nbeta")[0].value == pytest.approx(256 / np.log(256), rel=1e-6)
 
 
-def test_csv_logger_rows_and_callback_metrics(tmp_path):
+def test_csv_logger_gets_every_estimate_and_callback_metrics_only_healthy_ones(tmp_path):
     logger = CSVLogger(str(tmp_path), name="csv")
-    monitor = LLCMonitor(every_n_steps=5, **QUICK)
-    _, trainer = train(tmp_path, [monitor], logger=logger, max_steps=10)
+    monitor = LLCMonitor(every_n_steps=5, num_chains=4, num_draws=40, num_burnin_steps=20, epsilon=1e-3)
+    _, trainer = train(tmp_path, [monitor], module=AtMinimum(), logger=logger, max_steps=10)
     with open(f"{logger.log_dir}/metrics.csv") as handle:
         rows = [row for row in csv.DictReader(handle) if row.get("llc/mean")]
     assert [int(row["step"]) for row in rows] == [0, 5, 10]
+    assert all(record.healthy for record in monitor.history), [r.result.warnings for r in monitor.history]
     assert float(trainer.callback_metrics["llc/mean"]) == pytest.approx(monitor.history[-1].llc_mean)
+    assert float(trainer.callback_metrics["llc/step"]) == 10
     assert trainer.progress_bar_metrics["llc"] == pytest.approx(monitor.history[-1].llc_mean, abs=1e-3)
+
+
+def test_unhealthy_estimates_stay_out_of_callback_metrics_and_the_progress_bar(tmp_path):
+    """At a random initialisation w* is no minimum: λ̂ is logged (marked unhealthy) but is not offered as a value."""
+    monitor = LLCMonitor(every_n_steps=5, **QUICK)
+    _, trainer = train(tmp_path, [monitor], max_steps=10)
+    assert monitor.history and not any(record.healthy for record in monitor.history)
+    assert "llc/mean" not in trainer.callback_metrics
+    assert "llc" not in trainer.progress_bar_metrics
 
 
 def test_model_checkpoint_can_monitor_the_llc(tmp_path):
     checkpoint = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), monitor="llc/mean", every_n_train_steps=5, mode="max")
-    train(tmp_path, [LLCMonitor(every_n_steps=5, **QUICK), checkpoint], enable_checkpointing=True, max_steps=10)
+    monitor = LLCMonitor(every_n_steps=5, num_chains=4, num_draws=40, num_burnin_steps=20, epsilon=1e-3)
+    train(tmp_path, [monitor, checkpoint], module=AtMinimum(), enable_checkpointing=True, max_steps=10)
     assert checkpoint.best_model_score is not None
     assert checkpoint.best_model_path
 

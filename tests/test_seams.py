@@ -106,6 +106,7 @@ def chain_run(rank, count):
         acceptance=torch.full((count,), 0.5 + rank / 10, dtype=torch.float64),
         init_loss=1.0 + rank,
         nbeta=50.0,
+        epsilon=1e-4,
         num_samples=100,
         seed=7 + rank,
         vectorized=rank == 0,

@@ -68,6 +68,8 @@ def gather_run(strategy: Collective, run: ChainRun | None, counts: list[int]) ->
             )
         elif how == "all":
             combined[field.name] = bool((_gather_value(strategy, value) == 1.0).all())
+        elif how == "local":
+            combined[field.name] = field.default
         else:
             combined[field.name] = strategy.broadcast(value, src=0)
     return ChainRun(**combined)

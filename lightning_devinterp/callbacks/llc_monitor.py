@@ -26,11 +26,12 @@ from lightning_devinterp.callbacks.reporting import (
     TransitionHook,
     announce_transition,
     report_calibration,
+    report_epsilon,
     report_estimate,
     write_run_header,
 )
 from lightning_devinterp.callbacks.schedule import EstimateSchedule
-from lightning_devinterp.callbacks.tracker import EstimateInputs, LLCRecord, LLCTracker, Processes
+from lightning_devinterp.callbacks.tracker import SMALLEST, EstimateInputs, LLCRecord, LLCTracker, Processes
 from lightning_devinterp.callbacks.training_data import TrainingData
 from lightning_devinterp.detection.detector import Transition, TransitionDetector
 from lightning_devinterp.sampling.calibration import CalibrationResult
@@ -41,10 +42,6 @@ from lightning_devinterp.sampling.params import select_parameter_names
 log = logging.getLogger(__name__)
 
 SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
-
-MONITOR_DEFAULTS = {"num_chains": 4, "num_draws": 100, "num_burnin_steps": 50}
-"""Chain shape of the monitor's estimates: lighter than a one-off estimate, because they repeat."""
-
 
 class LLCEstimateWarning(UserWarning):
     """An estimate failed and was skipped (``on_error="warn"``), or was marked unhealthy; training went on."""
@@ -108,7 +105,7 @@ class LLCMonitor(Callback):
     ) -> None:
         super().__init__()
         check_setting_names(sampling)
-        self.config = SamplingConfig(**sampling).with_defaults(**MONITOR_DEFAULTS)
+        self.config = SamplingConfig(**sampling)
         self.schedule = EstimateSchedule(every_n_steps, log_spaced, max_overhead)
         check_callable("loss_fn", loss_fn, "loss_fn(module, batch)")
         if dataloader is not None and not isinstance(dataloader, DataLoader):
@@ -131,6 +128,7 @@ class LLCMonitor(Callback):
             self.config, seed, None if detector is False else detector if detector is not None else TransitionDetector(metric="llc/mean")
         )
         self._warned_unhealthy = False
+        self._warned_budget = False
         self._disabled = False
         self._resolved_loss: LossFn | None = None
 
@@ -185,7 +183,7 @@ class LLCMonitor(Callback):
                 "LLCMonitor: this module uses manual optimization, so its training_step steps the optimizer and "
                 "cannot serve as a loss. Pass loss_fn=lambda module, batch: ..."
             )
-        if trainer.world_size > self.config.num_chains:
+        if self.config.num_chains is not None and trainer.world_size > self.config.num_chains:
             raise MisconfigurationException(
                 f"LLCMonitor: num_chains={self.config.num_chains} cannot be split across {trainer.world_size} processes; "
                 f"use at least {trainer.world_size} chains."
@@ -194,25 +192,27 @@ class LLCMonitor(Callback):
         select_parameter_names(pl_module, self.config.params)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
+        self.schedule.start(int(total) if math.isfinite(total) else None)
+        with self.schedule.timed():
+            self._start(trainer, pl_module)
+
+    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.fast_dev_run:
             self._disabled = True
             rank_zero_info("LLCMonitor: fast_dev_run is set, so no LLC estimates are taken.")
             return
         self._disabled = False
-        total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
-        self.schedule.start(int(total) if math.isfinite(total) else None)
-        started = time.perf_counter()
         with preserved_rng_states():
             self.data.prepare(trainer, pl_module.device)
         try:
             self.tracker.start(self.data.num_samples)
         except ValueError as error:
             raise MisconfigurationException(f"LLCMonitor: the training set has no length. {error}") from None
-        self.schedule.charge(time.perf_counter() - started)
         settings = {**dataclasses.asdict(self.config), "nbeta (used)": self.tracker.nbeta, "schedule": self.schedule.describe(), "seed": self.seed}
         write_run_header(trainer, settings)
         rank_zero_info(f"LLCMonitor: estimating {self.schedule.describe()}, nbeta = {self.tracker.nbeta:.6g}.")
-        if trainer.global_step == 0 and self.tracker.last_step < 0 and not self.data.buffers_batches:
+        if self.schedule.estimates_step_zero and trainer.global_step == 0 and self.tracker.last_step < 0 and not self.data.buffers_batches:
             self._estimate(trainer, pl_module)
 
     # ---- when ----------------------------------------------------------------------------------------------
@@ -221,22 +221,25 @@ class LLCMonitor(Callback):
         """Buffer the batch (iterable data); with a buffer, the step-0 estimate waits for this first batch."""
         if self._disabled or not self.data.buffers_batches:
             return
-        self.data.remember(batch)
-        if trainer.global_step == 0 and self.tracker.last_step < 0:
-            self._estimate(trainer, pl_module)
+        with self.schedule.timed():
+            self.data.remember(batch)
+            if self.schedule.estimates_step_zero and trainer.global_step == 0 and self.tracker.last_step < 0:
+                self._estimate(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._disabled:
             return
-        step = trainer.global_step
-        if step > self.tracker.last_step and self._agreed(trainer, self.schedule.is_due(step)):
-            self._estimate(trainer, pl_module)
+        with self.schedule.timed():
+            step = trainer.global_step
+            if step > self.tracker.last_step and self._agreed(trainer, self.schedule.is_due(step, self.tracker.last_step)):
+                self._estimate(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._disabled or trainer.global_step <= self.tracker.last_step:
             return
-        if self._agreed(trainer, self.schedule.within_budget()):
-            self._estimate(trainer, pl_module)
+        with self.schedule.timed():
+            if self._agreed(trainer, self.schedule.plan is not None or self.schedule.within_budget()):
+                self._estimate(trainer, pl_module)
 
     def _agreed(self, trainer: pl.Trainer, decision: bool) -> bool:
         """Rank zero's decision on every rank: time-based decisions could differ and deadlock the gather."""
@@ -251,18 +254,25 @@ class LLCMonitor(Callback):
         self.tracker.last_step = step
         started = time.perf_counter()
         processes = Processes(trainer.world_size, trainer.global_rank, trainer.strategy if trainer.world_size > 1 else None)
+        allowance = self.schedule.allowance(step, self.tracker.smallest_cost())
+        shape = processes.agree(self.tracker.shape_for(allowance, budgeted=self.schedule.is_budgeted))
+        if shape is None:
+            self._say_once_what_the_budget_affords(step)
+            return
+        shape = dataclasses.replace(shape, num_chains=max(shape.num_chains, trainer.world_size))
         assert self._resolved_loss is not None
         try:
             with preserved_rng_states():
                 source = self.data.source(pl_module.device)
             inputs = EstimateInputs(pl_module, self._resolved_loss, source, processes, trainer.strategy.precision_plugin.forward_context)
-            if self.tracker.epsilon is None:
+            if self.tracker.epsilon is None and self.config.epsilon == "auto":
                 calibration = self.tracker.calibrate(step, inputs)
                 rank_zero_info(
                     f"LLCMonitor: epsilon = {self.tracker.epsilon:g}, chosen at step {step} in {calibration.seconds:.1f}s: {calibration.message}"
                 )
                 report_calibration(trainer, calibration, step)
-            result = self.tracker.sample(step, inputs)
+            previous_epsilon = self.tracker.epsilon
+            result, epsilon_changed = self.tracker.sample(step, inputs, shape)
         except Exception as error:
             self.schedule.record(time.perf_counter() - started)
             if self.on_error == "raise":
@@ -273,13 +283,31 @@ class LLCMonitor(Callback):
                 category=LLCEstimateWarning,
             )
             return
-        record = self.tracker.record(step, result, time.perf_counter() - started)
+        record = self.tracker.record(step, result, time.perf_counter() - started, epsilon_changed)
+        if previous_epsilon is None or epsilon_changed:
+            report_epsilon(trainer, record, previous_epsilon)
         report_estimate(trainer, record)
         self._warn_once_if_unhealthy(record)
         transition = self.tracker.detect(record)
         if transition is not None:
             announce_transition(trainer, pl_module, transition, on_transition=self.on_transition, save_checkpoint=self.save_checkpoint)
         self.schedule.record(time.perf_counter() - started)
+
+    def _say_once_what_the_budget_affords(self, step: int) -> None:
+        """A planned estimate did not fit the budget even at its smallest: say once what the plan would cost."""
+        if self._warned_budget:
+            return
+        self._warned_budget = True
+        smallest = self.tracker.smallest_cost() or 0.0
+        training = max(self.schedule.elapsed() - self.schedule.own_seconds, 1e-9) / max(step, 1) * (self.schedule.total_steps or step)
+        planned = len(self.schedule.plan or []) or 1
+        rank_zero_warn(
+            f"LLCMonitor: even the smallest estimate ({SMALLEST.num_chains} chains x {SMALLEST.num_steps} SGLD steps) takes about {smallest:.2g}s here, so within "
+            f"max_overhead={self.schedule.max_overhead:g} this run affords about {int(self.schedule.max_overhead * training / max(smallest, 1e-9))} "
+            f"of the {planned} planned estimates; some are skipped. All of them would cost about {planned * smallest / training:.0%} "
+            "of the training time: raise max_overhead, or choose every_n_steps=... .",
+            category=LLCEstimateWarning,
+        )
 
     def _warn_once_if_unhealthy(self, record: LLCRecord) -> None:
         if record.healthy or self._warned_unhealthy:

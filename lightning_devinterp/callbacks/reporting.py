@@ -65,8 +65,27 @@ def report_calibration(trainer: pl.Trainer, calibration: CalibrationResult, step
         logger.experiment.add_text("devinterp/calibration", f"{calibration.message}\n\n{table}", global_step=step)
 
 
+def report_epsilon(trainer: pl.Trainer, record: LLCRecord, previous: float | None) -> None:
+    """Say which step size the estimates use from this one on: once adapted, and again whenever health changed it."""
+    epsilon = record.result.epsilon
+    if previous is None:
+        message = f"LLCMonitor: step size epsilon = {epsilon:.3g}, adapted at step {record.step} (kept for the run unless health demands a change)."
+    else:
+        message = (
+            f"LLCMonitor: step size changed from {previous:.3g} to {epsilon:.3g} at step {record.step}, because the chains at the "
+            "old step diverged or fell below the acceptance floor; λ̂ before and after is not directly comparable."
+        )
+    if trainer.is_global_zero:
+        log.info(message)
+    for logger in tensorboard_loggers(trainer):
+        logger.experiment.add_text("devinterp/epsilon", message, global_step=record.step)
+
+
 def report_estimate(trainer: pl.Trainer, record: LLCRecord) -> None:
-    """``llc/*`` scalars to every logger at the estimate's step; ``llc/mean`` into callback metrics and the progress bar."""
+    """``llc/*`` scalars to every logger at the estimate's step. A healthy estimate also goes into
+    ``trainer.callback_metrics`` (``llc/mean``, and ``llc/step``, the step it was taken at) and the progress bar;
+    an unhealthy one does not, and the progress bar drops ``llc`` until a healthy one comes, so that neither shows
+    a number that is not a measurement."""
     result = record.result
     log_scalars(
         trainer,
@@ -84,8 +103,12 @@ def report_estimate(trainer: pl.Trainer, record: LLCRecord) -> None:
         },
         record.step,
     )
-    trainer.callback_metrics["llc/mean"] = torch.tensor(record.llc_mean)
-    trainer.progress_bar_metrics["llc"] = round(record.llc_mean, 3)
+    if result.healthy:
+        trainer.callback_metrics["llc/mean"] = torch.tensor(record.llc_mean)
+        trainer.callback_metrics["llc/step"] = torch.tensor(float(record.step))
+        trainer.progress_bar_metrics["llc"] = round(record.llc_mean, 3)
+    else:
+        trainer.progress_bar_metrics.pop("llc", None)
     if trainer.is_global_zero:
         log.info(
             "step %d: llc = %.4g ± %.3g (%.2fs)%s", record.step, record.llc_mean, record.llc_std, record.seconds,

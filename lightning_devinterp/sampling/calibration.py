@@ -1,4 +1,25 @@
-"""Choose the SGLD step size for the user: a grid of epsilons, the health checks, and a halving test."""
+"""Choose the SGLD step size for the user: the range of epsilon where λ̂ does not depend on it (a plateau).
+
+λ̂ carries an epsilon-dependent bias: too large a step inflates it (discretization, minibatch gradient noise),
+too small a step leaves the chains where they started within the burn-in and deflates it. MALA acceptance sees
+only the first, and high acceptance alone picks steps so small that the chains have not moved. So the rule looks
+for the range where neighbouring steps agree:
+
+1. the top of the healthy range is found by adapting epsilon toward the target MALA acceptance (dual averaging,
+   as ``epsilon="adaptive"`` does), unless a grid is given;
+2. from there the grid is walked down by halving, one estimate per step size;
+3. the first two neighbours whose estimates are healthy and agree (within :data:`STABLE_RELATIVE`, or two standard
+   errors if that is more) start a plateau; if the next smaller step agrees too, the middle of the three is
+   chosen (the top of a plateau still carries the most bias), otherwise the top of the two (below it, chains no
+   longer settle within the burn-in);
+4. if no two neighbours agree, nothing is chosen and the message says what to change (λ̂ that keeps rising with
+   epsilon usually means the chains equilibrate too slowly: a larger gamma, or more burn-in).
+
+What the rule cannot see: a direction of the loss so flat that it relaxes far more slowly than the chains run, and
+that contributes little to λ̂ at the steps tried, changes λ̂ by little between neighbouring steps and can pass for
+a plateau. More burn-in, or a larger gamma (which bounds the slowest relaxation at 1 / (epsilon gamma) steps),
+is the remedy; the health check on the loss trace catches such drift only when it exceeds the draws' noise.
+"""
 
 from __future__ import annotations
 
@@ -26,15 +47,15 @@ from lightning_devinterp.sampling.result import LLCEstimationError, LLCResult, s
 
 log = logging.getLogger(__name__)
 
-DEFAULT_EPSILONS = tuple(10.0 ** (-k / 2) for k in range(14, 3, -1))
-"""1e-7 to 1e-2 in half-decades."""
-
 STABLE_RELATIVE = 0.1
-"""λ̂ at epsilon and at epsilon / 2 may differ by this share (or by two standard errors, if more) to count as stable."""
+"""Two neighbouring step sizes agree when their λ̂ differ by at most this share (or two standard errors, if more)."""
 
-CHOICE_ACCEPTANCE = (0.95, 1.0)
-"""The MALA acceptance band a chosen epsilon must sit in: stricter than the 0.8 health floor, because on the
-ground-truth models acceptance near 0.9 still came with 15-20% discretization bias in λ̂."""
+GRID_FACTOR = 2.0
+"""Neighbouring step sizes of the default grid differ by this factor: close enough that chains equilibrate about
+as well at both, so that disagreement means bias rather than a shorter effective run."""
+
+GRID_STEPS = 10
+"""Steps below the adapted step size that the default grid walks down (three decades)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +114,7 @@ class CalibrationResult:
 def _row(epsilon: float, nbeta: float, result: LLCResult | None, note: str = "") -> dict[str, Any]:
     if result is None:
         return {
-            "epsilon": epsilon, "nbeta": nbeta, "ran": bool(note == "all chains diverged"), "llc_mean": math.nan,
+            "epsilon": epsilon, "nbeta": nbeta, "ran": note == "all chains diverged", "llc_mean": math.nan,
             "llc_std": math.nan, "acceptance": math.nan, "diverged": True, "healthy": False, "stable": None,
             "warnings": [note],
         }
@@ -111,13 +132,30 @@ def _row(epsilon: float, nbeta: float, result: LLCResult | None, note: str = "")
     }
 
 
-def _stable(coarse: LLCResult, fine: LLCResult) -> bool:
-    """λ̂ barely moves when epsilon is halved: within STABLE_RELATIVE of the finer value or two standard errors."""
+def _agree(coarse: LLCResult, fine: LLCResult) -> bool:
+    """λ̂ barely moves between neighbouring step sizes: within STABLE_RELATIVE of the finer value or two standard errors."""
     standard_error = math.sqrt(
         (coarse.llc_std**2 / max(coarse.num_chains_used, 1) if math.isfinite(coarse.llc_std) else 0.0)
         + (fine.llc_std**2 / max(fine.num_chains_used, 1) if math.isfinite(fine.llc_std) else 0.0)
     )
     return abs(coarse.llc_mean - fine.llc_mean) <= max(STABLE_RELATIVE * abs(fine.llc_mean), 2.0 * standard_error)
+
+
+def _decline_message(rows: list[dict[str, Any]]) -> str:
+    """What to change when no plateau was found, read off the measured λ̂ against epsilon."""
+    measured = sorted((r["epsilon"], r["llc_mean"]) for r in rows if r["ran"] and math.isfinite(r["llc_mean"]))
+    shown = ", ".join(f"{llc:.3g} at {epsilon:.2g}" for epsilon, llc in measured)
+    rising = len(measured) >= 3 and all(b[1] > a[1] for a, b in zip(measured, measured[1:]))
+    if rising:
+        return (
+            f"λ̂ rises with epsilon across the whole range tried ({shown}): there is no range where it is stable. "
+            "Try a larger gamma (e.g. 10x), so that chains settle within the burn-in at small steps, or more "
+            "burn-in steps and draws."
+        )
+    return (
+        f"no two neighbouring step sizes gave healthy estimates that agree ({shown or 'nothing finished'}; see the "
+        "table's warnings). Try a larger gamma, more burn-in steps, or estimate at a point closer to a local minimum."
+    )
 
 
 def calibrate_on_source(
@@ -135,10 +173,9 @@ def calibrate_on_source(
 ) -> tuple[CalibrationResult, dict[tuple[float, float], LLCResult]]:
     """:func:`calibrate` on prepared data; also returns every estimate it ran, keyed by (epsilon, nbeta)."""
     started = time.perf_counter()
-    grid = sorted(float(e) for e in (epsilons if epsilons is not None else DEFAULT_EPSILONS))
-    if not grid or any(not (math.isfinite(e) and e > 0) for e in grid):
-        raise ValueError(f"epsilons must be positive finite numbers, got {list(grid)!r}.")
-    resolved = config.resolved(num_samples=source.num_samples, epsilon=grid[0])
+    if epsilons is not None and (not len(epsilons) or any(not (math.isfinite(e) and e > 0) for e in epsilons)):
+        raise ValueError(f"epsilons must be positive finite numbers, got {list(epsilons)!r}.")
+    resolved = config.resolved(num_samples=source.num_samples, epsilon=1.0)
     temperatures = [float(b) for b in (nbetas if nbetas is not None else [resolved.nbeta])]
     if not temperatures or any(not (math.isfinite(b) and b > 0) for b in temperatures):
         raise ValueError(f"nbetas must be positive finite numbers, got {list(temperatures)!r}.")
@@ -146,70 +183,72 @@ def calibrate_on_source(
     results: dict[tuple[float, float], LLCResult] = {}
     table: list[dict[str, Any]] = []
 
-    def estimate(epsilon: float, nbeta: float) -> LLCResult | None:
-        key = (epsilon, nbeta)
-        if key not in results:
-            trial = dataclasses.replace(resolved, epsilon=epsilon, nbeta=nbeta)
-            try:
-                run = run_chains(
-                    model, loss_fn, source, trial, num_chains=chains, seed=seed, observables=observables, forward_context=forward_context
-                )
-                results[key] = summarize_chains(run, trial)
-            except LLCEstimationError:
-                table.append(_row(epsilon, nbeta, None, "all chains diverged"))
-                return None
-            table.append(_row(epsilon, nbeta, results[key]))
-        return results[key]
+    def estimate(epsilon: float | str, nbeta: float) -> LLCResult | None:
+        trial = dataclasses.replace(resolved, epsilon=epsilon, nbeta=nbeta)
+        try:
+            run = run_chains(
+                model, loss_fn, source, trial, num_chains=chains, seed=seed, observables=observables, forward_context=forward_context
+            )
+            result = summarize_chains(run, trial)
+        except LLCEstimationError:
+            table.append(_row(float(epsilon) if epsilon != "adaptive" else math.nan, nbeta, None, "all chains diverged"))
+            return None
+        results[(result.epsilon, nbeta)] = result
+        table.append(_row(result.epsilon, nbeta, result))
+        return result
 
     best = None
     for nbeta in temperatures:
-        diverged_at = None
-        for epsilon in grid:
-            if diverged_at is not None:
-                table.append(_row(epsilon, nbeta, None, f"skipped: epsilon {diverged_at:g} already diverged"))
+        if epsilons is None:
+            top = estimate("adaptive", nbeta)
+            if top is None:
                 continue
-            result = estimate(epsilon, nbeta)
-            if result is None:
-                diverged_at = epsilon
-        low, high = CHOICE_ACCEPTANCE
-        candidates = sorted(
-            (
-                e
-                for e in grid
-                if (e, nbeta) in results and results[(e, nbeta)].healthy and low <= results[(e, nbeta)].acceptance_mean <= high
-            ),
-            reverse=True,
-        )
-        for epsilon in candidates:
-            halved = estimate(epsilon / 2, nbeta)
-            stable = halved is not None and _stable(results[(epsilon, nbeta)], halved)
+            grid = [top.epsilon / GRID_FACTOR**k for k in range(GRID_STEPS + 1)]
+        else:
+            grid = sorted((float(e) for e in epsilons), reverse=True)
+        trials: dict[int, LLCResult | None] = {}
+
+        def trial(index: int) -> LLCResult | None:
+            if index >= len(grid):
+                return None
+            if index not in trials:
+                trials[index] = results.get((grid[index], nbeta)) or estimate(grid[index], nbeta)
+            return trials[index]
+
+        def agree(upper: LLCResult | None, lower: LLCResult | None) -> bool:
+            return upper is not None and lower is not None and upper.healthy and lower.healthy and _agree(upper, lower)
+
+        for index in range(len(grid) - 1):
+            if not agree(trial(index), trial(index + 1)):
+                continue
+            plateau = [trial(index), trial(index + 1)]
+            if agree(trial(index + 1), trial(index + 2)):
+                plateau.append(trial(index + 2))
+            chosen = plateau[len(plateau) // 2 - (len(plateau) == 2)]
+            assert chosen is not None
             for row in table:
-                if row["epsilon"] == epsilon and row["nbeta"] == nbeta:
-                    row["stable"] = stable
-            if stable:
-                chosen = results[(epsilon, nbeta)]
-                best = CalibrationChoice(
-                    epsilon=epsilon,
-                    nbeta=nbeta,
-                    llc_mean=chosen.llc_mean,
-                    acceptance=chosen.acceptance_mean,
-                    reason=(
-                        f"the largest epsilon on the grid whose chains stay finite and level off within the burn-in, "
-                        f"with λ̂ = {chosen.llc_mean:.4g} > 0, MALA acceptance {chosen.acceptance_mean:.2f}, and λ̂ within "
-                        f"{STABLE_RELATIVE:.0%} (or two standard errors) of its value at epsilon / 2"
-                    ),
-                )
-                break
+                if row["nbeta"] == nbeta and any(row["epsilon"] == point.epsilon for point in plateau if point is not None):
+                    row["stable"] = True
+            best = CalibrationChoice(
+                epsilon=chosen.epsilon,
+                nbeta=nbeta,
+                llc_mean=chosen.llc_mean,
+                acceptance=chosen.acceptance_mean,
+                reason=(
+                    f"the {'middle' if len(plateau) == 3 else 'top'} of the plateau "
+                    f"{', '.join(f'{point.llc_mean:.4g} at {point.epsilon:.3g}' for point in plateau if point is not None)}: healthy "
+                    f"estimates (finite chains that level off within the burn-in, λ̂ > 0, MALA acceptance "
+                    f"{chosen.acceptance_mean:.2f} at the choice) whose neighbours agree within {STABLE_RELATIVE:.0%} (or two "
+                    "standard errors)"
+                ),
+            )
+            break
         if best is not None:
             break
     if best is not None:
-        message = f"chose epsilon = {best.epsilon:g} at nbeta = {best.nbeta:.6g}: {best.reason}."
+        message = f"chose epsilon = {best.epsilon:.3g} at nbeta = {best.nbeta:.6g}: {best.reason}."
     else:
-        message = (
-            f"no epsilon in {grid[0]:g}..{grid[-1]:g} gave a healthy estimate that is stable against halving epsilon "
-            "(see the table's warnings). Try a grid of smaller epsilons, a larger gamma, more burn-in steps, or "
-            "estimate at a point closer to a local minimum of the loss."
-        )
+        message = _decline_message(table)
     log.info("calibration: %s", message)
     return CalibrationResult(table=table, best=best, message=message, seconds=time.perf_counter() - started), results
 
@@ -225,15 +264,14 @@ def calibrate(
     device: str | torch.device | None = None,
     **settings: Any,
 ) -> CalibrationResult:
-    """Choose epsilon (and, if several are given, nbeta) by running short estimates on a grid.
+    """Choose epsilon (and, if several are given, nbeta): the largest step size on a plateau of λ̂ against epsilon.
 
-    Selection rule: for each nbeta in ``nbetas`` (default: ``[n / log n]``, tried in order), estimate at every
-    epsilon of the log grid ``epsilons`` (default 1e-7 to 1e-2 in half-decades; once every chain diverges, larger
-    epsilons are skipped). A candidate passes the health checks of :class:`~lightning_devinterp.LLCResult`: all
-    chains finite, loss trace levelled off within the burn-in, λ̂ > 0, at most 70% of draws below L(w*), and mean
-    MALA acceptance in the band [0.95, 1]. The choice is the largest candidate whose λ̂ is also stable against
-    halving epsilon (within 10% or two standard errors of the estimate at epsilon / 2). A diverging epsilon is never chosen; if
-    nothing qualifies, ``best`` is None and ``message`` says what to try.
+    For each nbeta in ``nbetas`` (default ``[n / log n]``, tried in order): adapt epsilon toward the target MALA
+    acceptance to find the top of the healthy range (or take the given ``epsilons``), then walk down by halving
+    and choose the largest epsilon whose estimate is healthy (finite chains that level off within the
+    burn-in, λ̂ > 0, not descending, acceptance at least 0.8) and agrees with the next smaller step's within 10% or
+    two standard errors. If no two neighbours agree, ``best`` is None and ``message`` says what to change (usually
+    a larger gamma). See the module docstring for why acceptance alone is not enough.
 
     The model and the global RNG states are left as they were. ``settings`` are the sampling settings of
     :class:`~lightning_devinterp.SamplingConfig` (as for :func:`~lightning_devinterp.estimate_llc`; ``epsilon`` is

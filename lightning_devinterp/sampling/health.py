@@ -11,7 +11,20 @@ MAX_SHARE_BELOW_INIT = 0.7
 """At a local minimum minibatch noise puts at most about half of the draws below L(w*); far more means descent."""
 
 DRIFT_T_STAT = 4.0
-"""A first-to-last-quarter change of the draws must be this many standard errors (across chains) to count as drift..."""
+"""A first-to-last-quarter change of the draws must be this many standard errors (across chains) to count as
+drift, or more with few chains (see :func:`drift_threshold`)..."""
+
+_T_QUANTILES = (63.66, 9.92, 5.84, 4.60, 4.03)
+"""Two-sided 1% quantiles of Student's t for 1..5 degrees of freedom (from 6 on they are below 4)."""
+
+
+def drift_threshold(num_chains: int) -> float:
+    """Standard errors a drift must exceed with ``num_chains`` chains: :data:`DRIFT_T_STAT`, or the two-sided 1%
+    Student-t quantile when that is larger. Few chains estimate their own spread poorly: with two, a fixed 4
+    would flag about one levelled-off estimate in six."""
+    degrees = num_chains - 1
+    return max(DRIFT_T_STAT, _T_QUANTILES[degrees - 1] if degrees <= len(_T_QUANTILES) else 0.0)
+
 
 DRIFT_RELATIVE = 0.25
 """...and at least this share of the mean loss increase over L(w*), so that tiny but consistent drifts pass."""
@@ -83,7 +96,7 @@ def diagnose(
         mean_change = float(change.mean())
         elevation = abs(float(good.mean()) - init_loss)
         standard_error = float(change.std()) / math.sqrt(len(alive))
-        if abs(mean_change) > max(DRIFT_T_STAT * standard_error, DRIFT_RELATIVE * elevation):
+        if abs(mean_change) > max(drift_threshold(len(alive)) * standard_error, DRIFT_RELATIVE * elevation):
             findings.append(
                 f"the loss trace has not levelled off after burn-in (the mean draw moved by {mean_change:+.3g} between the "
                 f"first and last quarter of the draws); use more burn-in steps or a larger epsilon."

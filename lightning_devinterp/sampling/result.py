@@ -75,7 +75,7 @@ def summarize_chains(run: ChainRun, config: SamplingConfig) -> LLCResult:
     if not alive:
         raise LLCEstimationError(
             f"all {num_chains} chains diverged (loss became NaN/Inf; first at step {min(failures.values())}); "
-            f"try a smaller epsilon than {config.epsilon:g} or a larger gamma than {config.gamma:g}."
+            f"try a smaller epsilon than {run.epsilon:g} or a larger gamma than {config.gamma:g}."
         )
     llc_mean = float(llc_per_chain[alive].mean())
     llc_std = float(llc_per_chain[alive].std()) if len(alive) > 1 else float("nan")
@@ -87,7 +87,7 @@ def summarize_chains(run: ChainRun, config: SamplingConfig) -> LLCResult:
         llc_mean,
         failures,
         acceptance=acceptance,
-        epsilon=config.epsilon,
+        epsilon=run.epsilon,
         num_burnin_steps=config.num_burnin_steps,
         num_steps_bw_draws=config.num_steps_bw_draws,
     )
@@ -101,7 +101,7 @@ def summarize_chains(run: ChainRun, config: SamplingConfig) -> LLCResult:
         nbeta=run.nbeta,
         warnings=findings,
         failed_chains=tuple(sorted(failures)),
-        epsilon=float(config.epsilon),
+        epsilon=run.epsilon,
         gamma=float(config.gamma),
         sampler=config.sampler,
         num_samples=run.num_samples,

@@ -65,7 +65,8 @@ def read_runs(log_dir: Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
     for run_dir in run_dirs:
         events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
         events.Reload()
-        runs[str(run_dir.relative_to(log_dir)) if run_dir != log_dir else log_dir.name] = {
+        name = run_dir.relative_to(log_dir) if run_dir != log_dir else Path(*log_dir.resolve().parts[-2:])
+        runs[str(name)] = {
             tag: [(event.step, event.value) for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]
         }
     return runs
@@ -79,16 +80,28 @@ def _loss_tag(tags: Sequence[str]) -> str | None:
     return None
 
 
+def _transition_steps(scalars: dict[str, list[tuple[int, float]]]) -> tuple[list[int], list[int]]:
+    """Steps of the reported onsets and ends (logs of older versions, with one ``transitions/<metric>`` tag, count
+    as onsets)."""
+    onsets = [step for step, _ in scalars.get("transitions/onset", [])]
+    ends = [step for step, _ in scalars.get("transitions/end", [])]
+    for tag, points in scalars.items():
+        if tag.startswith("transitions/") and tag not in ("transitions/onset", "transitions/end"):
+            onsets += [step for step, _ in points]
+    return sorted(set(onsets)), sorted(set(ends))
+
+
 def plot_runs(runs: dict[str, dict[str, list[tuple[int, float]]]], output: Path, log_x: bool = False) -> Path:
-    """One panel per run: λ̂ ± std (left axis), the training loss (right axis), transitions as vertical lines."""
+    """One panel per run, titled with its name: λ̂ ± std (left axis), the training loss (right axis, log scale),
+    transition onsets as dashed red lines and ends as dotted grey lines, with a legend."""
     plt = _pyplot()
     with_llc = {name: scalars for name, scalars in runs.items() if "llc/mean" in scalars}
     if not with_llc:
         raise CLIError("no run has llc/mean scalars (was LLCMonitor attached with a TensorBoardLogger?)")
-    figure, axes = plt.subplots(len(with_llc), 1, figsize=(8, 3.2 * len(with_llc)), squeeze=False)
+    figure, axes = plt.subplots(len(with_llc), 1, figsize=(8, 3.4 * len(with_llc)), squeeze=False)
     for axis, (name, scalars) in zip(axes[:, 0], with_llc.items()):
         steps, means = zip(*scalars["llc/mean"])
-        axis.plot(steps, means, color="tab:blue", marker=".", label="λ̂")
+        handles = axis.plot(steps, means, color="tab:blue", marker=".", label="λ̂")
         if "llc/std" in scalars:
             stds = dict(scalars["llc/std"])
             axis.fill_between(steps, [m - stds.get(s, 0.0) for s, m in zip(steps, means)],
@@ -98,15 +111,19 @@ def plot_runs(runs: dict[str, dict[str, list[tuple[int, float]]]], output: Path,
         loss_tag = _loss_tag(list(scalars))
         if loss_tag is not None:
             loss_axis = axis.twinx()
-            loss_axis.plot(*zip(*scalars[loss_tag]), color="tab:orange", alpha=0.7)
-            loss_axis.set_ylabel(loss_tag, color="tab:orange")
-        for tag, points in scalars.items():
-            if tag.startswith("transitions/"):
-                for step, _ in points:
-                    axis.axvline(step, color="gray", linestyle="--", linewidth=1)
+            handles += loss_axis.plot(*zip(*scalars[loss_tag]), color="tab:orange", alpha=0.7, label=loss_tag)
+            loss_axis.set_yscale("log")
+            loss_axis.set_ylabel(f"{loss_tag} (log scale)", color="tab:orange")
+        onsets, ends = _transition_steps(scalars)
+        for steps_of, style, label in ((onsets, dict(color="tab:red", linestyle="--"), "transition onset"), (ends, dict(color="gray", linestyle=":"), "transition end")):
+            for index, step in enumerate(steps_of):
+                line = axis.axvline(step, linewidth=1.2, label=label if index == 0 else None, **style)
+                if index == 0:
+                    handles.append(line)
         if log_x:
             axis.set_xscale("symlog", linthresh=1)
         axis.set_xlabel("step")
+        axis.legend(handles=handles, loc="best", fontsize="small")
     figure.tight_layout()
     output.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(output, dpi=120)

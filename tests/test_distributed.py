@@ -16,7 +16,7 @@ def test_ddp_splits_chains_and_every_rank_holds_the_same_history(tmp_path):
     assert ranks[0]["llc"] == ranks[1]["llc"]
     assert ranks[0]["callback_metric"] == ranks[1]["callback_metric"]
     assert ranks[0]["loss_detector"] == ranks[1]["loss_detector"]  # TransitionMonitor decides from the mean over ranks
-    assert ranks[0]["loss_detector"]["segment"]
+    assert ranks[0]["loss_detector"]["differences"]  # it saw the (rank-averaged) losses
     for per_chain in ranks[0]["per_chain"]:
         assert len(per_chain) == 3  # 2 chains on rank 0 and 1 on rank 1, gathered
         assert len(set(per_chain)) == 3  # distinct seeds per rank: no duplicated chains

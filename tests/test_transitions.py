@@ -1,7 +1,8 @@
-"""TransitionDetector on synthetic series with known change points, and TransitionMonitor in a real fit."""
+"""The detectors on synthetic series with known changes, and TransitionMonitor in a real fit."""
 
 import math
 import os
+import warnings
 
 import lightning.pytorch as pl
 import numpy as np
@@ -12,185 +13,107 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_devinterp import Transition, TransitionDetector, TransitionMonitor, TransitionWarning, detect_transitions
+from lightning_devinterp.detection.combined import TransitionEvidence
+from lightning_devinterp.detection.loss_drops import LossDropDetector
 from lightning_helpers import Regressor, make_trainer, regression_loader
 
-NOISE = 1.0
 
-
-def synthetic_series(rng, n=100, jumps=(), jump_size=0.0, trend=None):
-    """Irregularly spaced steps; level 10 with unit noise, an optional smooth trend, and planted level shifts."""
+def sparse_series(rng, n=60, level=10.0, noise=1.0, trend=None, shift_at=None, shift=0.0):
+    """Irregularly spaced steps; a level with noise, an optional smooth trend and an optional level shift."""
     steps = np.cumsum(rng.integers(50, 150, n))
-    values = np.full(n, 10.0)
+    values = np.full(n, level)
     if trend == "exponential":
         values += 20 * (1 - np.exp(-3 * steps / steps[-1]))
     elif trend == "linear":
-        values += 10 * steps / steps[-1]
-    for index in jumps:
-        values[index:] += jump_size * NOISE
-    return steps.tolist(), (values + rng.normal(0, NOISE, n)).tolist()
+        values -= 5 * steps / steps[-1]
+    if shift_at is not None:
+        values[shift_at:] += shift
+    return steps.tolist(), (values + rng.normal(0, noise, n)).tolist()
 
+
+# ---- λ̂: shifts between settled levels ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("trend", [None, "exponential", "linear"])
-def test_at_most_one_false_alarm_per_100_points_without_transitions(trend):
+def test_no_report_on_stationary_or_smoothly_drifting_series(trend):
     rng = np.random.default_rng(1)
-    alarms = points = 0
-    for _ in range(40):
-        steps, values = synthetic_series(rng, trend=trend)
-        alarms += sum(t.is_onset for t in detect_transitions(steps, values))
-        points += len(values)
-    assert 100 * alarms / points <= 1.0
+    reports = sum(len(detect_transitions(*sparse_series(rng, trend=trend))) for _ in range(40))
+    assert reports / (40 * 60) <= 0.005
 
 
-@pytest.mark.parametrize("trend", [None, "exponential"])
-def test_large_planted_jumps_are_found_on_time(trend):
-    """8-sigma shifts: recall >= 85%, found at the jump or one point later, few alarms elsewhere, each onset ended."""
+def test_a_level_shift_is_reported_once_with_values_the_series_showed():
     rng = np.random.default_rng(2)
-    found = planted = false_alarms = 0
-    lags = []
-    for _ in range(40):
-        jumps = (30, 65)
-        steps, values = synthetic_series(rng, jumps=jumps, jump_size=8.0, trend=trend)
-        events = detect_transitions(steps, values)
-        onsets = [t for t in events if t.is_onset]
-        assert len(events) - len(onsets) >= len(onsets) - 1  # every onset but perhaps the last has its end
-        indices = [steps.index(t.step) for t in onsets]
-        for jump in jumps:
-            planted += 1
-            near = [i - jump for i in indices if 0 <= i - jump <= 2]
-            if near:
-                found += 1
-                lags.append(min(near))
-        false_alarms += sum(1 for i in indices if not any(0 <= i - j <= 2 for j in jumps))
-    assert found / planted >= 0.85
-    assert np.mean(lags) <= 0.5
-    assert 100 * false_alarms / (40 * 100) <= 1.0
-
-
-def test_small_jumps_are_rarely_reported():
-    """2-sigma shifts are within the noise: the detector is for transitions, not for every wiggle."""
-    rng = np.random.default_rng(3)
-    reported = 0
-    for _ in range(30):
-        steps, values = synthetic_series(rng, jumps=(50,), jump_size=2.0)
-        reported += any(t.is_onset and 0 <= steps.index(t.step) - 50 <= 2 for t in detect_transitions(steps, values))
-    assert reported / 30 <= 0.2
-
-
-def ramp_recall(length: int = 8, **detector_kwargs) -> float:
-    """Share of 40 series where a level shift of 8 sigma spread over ``length`` points raises an onset during the ramp."""
-    rng = np.random.default_rng(5)
     found = 0
     for _ in range(40):
-        steps, values = synthetic_series(rng)
-        ramp = np.clip((np.arange(len(values)) - 39) / length, 0, 1) * 8.0 * NOISE
-        events = detect_transitions(steps, (np.array(values) + ramp).tolist(), **detector_kwargs)
-        found += any(t.is_onset and 40 <= steps.index(t.step) < 40 + length for t in events)
-    return found / 40
+        steps, values = sparse_series(rng, shift_at=30, shift=10.0, noise=0.5)
+        events = detect_transitions(steps, values)
+        assert len(events) <= 1
+        if events and steps.index(events[0].step) in (30, 31, 32):
+            found += 1
+            event = events[0]
+            assert event.direction == "up" and event.evidence == "λ̂ change"
+            assert min(values[:30]) <= event.before <= max(values[:30])
+            assert event.after == pytest.approx(20.0, abs=1.5)
+    assert found / 40 >= 0.9
 
 
-def test_the_drift_and_slope_rules_catch_ramps_that_single_jumps_miss():
-    """No single step of the ramp is a jump, but its residuals keep one sign and the series bends."""
-    jumps_only = ramp_recall(drift_threshold=None, slope_threshold=None)
-    with_drift = ramp_recall(slope_threshold=None)
-    with_both = ramp_recall()
-    assert with_drift >= jumps_only + 0.15
-    assert with_both >= with_drift + 0.2
-    assert with_both >= 0.7
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), shift=st.floats(-30, 30), scale=st.sampled_from([1e-3, 1.0, 1e6]))
+def test_before_is_never_a_value_the_series_did_not_show(seed, shift, scale):
+    rng = np.random.default_rng(seed)
+    steps, values = sparse_series(rng, shift_at=int(rng.integers(5, 55)), shift=shift)
+    values = [v * scale for v in values]
+    for event in detect_transitions(steps, values):
+        shown = values[: steps.index(event.step) + 1]
+        assert min(shown) <= event.before <= max(shown)
 
 
-def test_the_slope_rule_reports_where_a_plateau_starts_to_climb():
-    """A plateau, then a climb of one noise unit per point: a change of slope within 10 points of the bend."""
-    steps = list(range(0, 4000, 100))
-    found = {"with": 0, "without": 0}
-    for seed in range(6):
-        rng = np.random.default_rng(seed)
-        values = [10.0 + 0.1 * max(0, i - 19) + rng.normal(0, 0.1) for i in range(40)]
-        for rule, kwargs in (("with", {}), ("without", {"slope_threshold": None})):
-            onsets = [t for t in detect_transitions(steps, values, **kwargs) if t.is_onset]
-            if onsets and 2000 <= onsets[0].step < 3000 and onsets[0].direction == "up":
-                found[rule] += 1
-                assert rule == "without" or onsets[0].reason == "onset: change of slope"
-    assert found["with"] == 6 and found["without"] <= 1
-
-
-def test_one_transition_gives_an_onset_and_an_end():
-    steps = list(range(0, 4000, 100))
-    values = [10.0 + 0.1 * math.sin(i) for i in range(20)] + [30.0 + 0.1 * math.cos(i) for i in range(20)]
-    onset, end = detect_transitions(steps, values, metric="llc/mean")
-    assert onset.is_onset and onset.step == 2000 and onset.direction == "up" and onset.metric == "llc/mean"
-    assert onset.before == pytest.approx(10.0, abs=0.3) and onset.after == pytest.approx(30.0, abs=0.2)
-    assert onset.score >= 4.0
-    assert not end.is_onset and "began at step 2000" in end.reason and end.step == 2200
-    assert end.before == onset.before and end.after == pytest.approx(30.0, abs=0.2)
-
-
-def test_a_multi_point_excursion_is_one_transition():
-    """λ̂ diving over several estimates and recovering (as around a loss drop) is one onset and one end."""
-    steps = list(range(0, 3000, 100))
-    values = [5.0 + 0.2 * math.sin(i) for i in range(12)] + [-10.0, -40.0, -80.0, -60.0, -20.0] + [12.0 + 0.2 * math.cos(i) for i in range(13)]
-    events = detect_transitions(steps, values)
-    assert [t.is_onset for t in events] == [True, False]
-    assert events[0].step == 1200 and events[0].direction == "down"
-    assert events[1].direction == "up" and events[1].after == pytest.approx(12.0, abs=0.5)
-
-
-def test_no_alert_during_warm_up():
-    detector = TransitionDetector(warmup=5)
-    values = [1.0, 1.1, 0.9, 1.0, 50.0]
-    assert all(detector.update(step, value) is None for step, value in enumerate(values))
-
-
-def test_unhealthy_estimates_are_marked_not_dropped():
+def test_unhealthy_points_neither_join_a_level_nor_confirm_a_change():
     detector = TransitionDetector()
-    for step in range(12):
+    for step in range(6):
         assert detector.update(step, 5.0 + 0.01 * (-1) ** step) is None
-    event = detector.update(12, -40.0, healthy=False)
-    assert event is not None and "unhealthy" in event.reason and event.direction == "down"
+    assert detector.update(6, -40.0, healthy=False) is None
+    assert detector.update(7, -40.0, healthy=False) is None
+    assert detector.level == pytest.approx(5.0, abs=0.02)
 
 
-def test_non_finite_values_are_ignored():
-    detector = TransitionDetector()
-    assert detector.update(0, float("nan")) is None
-    assert detector.state_dict()["segment"] == []
+@pytest.mark.parametrize(
+    ("steps", "values", "stds", "match"),
+    [
+        ([1, 2, 2], [1.0, 1.0, 1.0], None, "increase strictly"),
+        ([3, 2, 1], [1.0, 1.0, 1.0], None, "increase strictly"),
+        ([1, 2.5, 3], [1.0, 1.0, 1.0], None, "integers"),
+        ([1, 2, 3], [1.0, 1.0, 1.0], [0.1, -0.1, 0.1], "std"),
+    ],
+)
+def test_bad_series_are_rejected(steps, values, stds, match):
+    with pytest.raises(ValueError, match=match):
+        detect_transitions(steps, values, stds)
+
+
+def test_a_tiny_blip_on_a_constant_series_and_huge_values_are_handled():
+    assert detect_transitions(list(range(20)), [0.0] * 10 + [1e-9, 1e-9] + [0.0] * 8) == []
+    huge = [1e154 * (1 + 0.01 * math.sin(i)) for i in range(20)]
+    assert detect_transitions(list(range(20)), huge) == []
 
 
 @settings(max_examples=30, deadline=None)
 @given(cut=st.integers(min_value=1, max_value=59), seed=st.integers(min_value=0, max_value=1000))
 def test_state_dict_round_trip_continues_exactly(cut, seed):
     rng = np.random.default_rng(seed)
-    steps, values = synthetic_series(rng, n=60, jumps=(35,), jump_size=10.0)
+    steps, values = sparse_series(rng, shift_at=35, shift=10.0)
     uninterrupted = TransitionDetector()
     first = [uninterrupted.update(s, v) for s, v in zip(steps, values)]
     before = TransitionDetector()
     head = [before.update(s, v) for s, v in zip(steps[:cut], values[:cut])]
     after = TransitionDetector()
     after.load_state_dict(before.state_dict())
-    tail = [after.update(s, v) for s, v in zip(steps[cut:], values[cut:])]
-    assert head + tail == first
-
-
-def test_offline_detection_equals_online_updates():
-    rng = np.random.default_rng(4)
-    steps, values = synthetic_series(rng, jumps=(40, 70), jump_size=9.0, trend="exponential")
-    detector = TransitionDetector(metric="value")
-    online = [e for e in (detector.update(s, v) for s, v in zip(steps, values)) if e is not None]
-    assert online == detect_transitions(steps, values) and online
+    assert head + [after.update(s, v) for s, v in zip(steps[cut:], values[cut:])] == first
 
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [
-        ({"threshold": -1}, "threshold"),
-        ({"warmup": 2}, "warmup"),
-        ({"window": 3}, "window"),
-        ({"min_relative_change": float("nan")}, "min_relative_change"),
-        ({"settle_points": 10}, "settle_points"),
-        ({"settle_fraction": -0.1}, "settle_fraction"),
-        ({"drift_threshold": -1.0}, "drift_threshold"),
-        ({"drift_allowance": float("inf")}, "drift_allowance"),
-        ({"slope_threshold": -2.0}, "slope_threshold"),
-        ({"slope_window": 6}, "slope_window"),
-    ],
+    [({"threshold": -1}, "threshold"), ({"warmup": 2}, "warmup"), ({"window": 3}, "window"), ({"confirm": 0}, "confirm"),
+     ({"min_relative_change": float("nan")}, "min_relative_change"), ({"absolute_floor": 0.0}, "absolute_floor")],
 )
 def test_bad_detector_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -202,40 +125,147 @@ def test_mismatched_series_lengths_are_rejected():
         detect_transitions([1, 2], [1.0])
 
 
+# ---- the training loss: a fall after a plateau ------------------------------------------------------------------
+
+def loss_curve(rng, steps=2000, drops=(), noise=0.05, decay=None):
+    """A minibatch loss: plateaus at 1 falling by 10x at each of ``drops`` (over 100 steps), or a smooth decay."""
+    t = np.arange(steps)
+    log_loss = np.zeros(steps)
+    for start in drops:
+        log_loss -= math.log(10) * np.clip((t - start) / 100, 0, 1)
+    if decay is not None:
+        log_loss -= t / decay
+    return t.tolist(), np.exp(log_loss + rng.normal(0, noise, steps)).tolist()
+
+
+def run_loss(steps, losses, **kwargs):
+    detector = LossDropDetector(**kwargs)
+    return [event for event in (detector.update(s, v) for s, v in zip(steps, losses)) if event is not None]
+
+
+def test_each_drop_after_a_plateau_gives_an_onset_soon_and_an_end():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        events = run_loss(*loss_curve(rng, drops=(500, 1300), noise=0.3))
+        onsets = [e for e in events if e.is_onset]
+        assert [e.is_onset for e in events] == [True, False, True, False]
+        assert 500 <= onsets[0].step <= 600 and 1300 <= onsets[1].step <= 1400
+        assert onsets[0].direction == "down" and onsets[0].evidence == "loss drop"
+        assert onsets[0].before == pytest.approx(1.0, rel=0.1)
+
+
+@pytest.mark.parametrize("decay", [300.0, 3000.0])
+def test_a_smooth_decay_from_initialisation_is_never_reported(decay):
+    """Decays 3x faster and 3x slower than the threshold rate (10% per 100 steps). Close to that rate, noise can
+    make a stretch look flat and what follows look fast: a documented limitation (README, Transition detection)."""
+    rng = np.random.default_rng(1)
+    assert all(run_loss(*loss_curve(rng, decay=decay, noise=0.2)) == [] for _ in range(20))
+
+
+def test_noisy_minibatch_losses_alone_are_never_reported():
+    rng = np.random.default_rng(2)
+    assert all(run_loss(*loss_curve(rng, steps=3000, noise=1.0)) == [] for _ in range(20))
+
+
+def test_loss_detector_state_round_trip():
+    steps, losses = loss_curve(np.random.default_rng(3), drops=(600,), noise=0.2)
+    whole = run_loss(steps, losses)
+    first = LossDropDetector()
+    head = [first.update(s, v) for s, v in zip(steps[:650], losses[:650])]
+    second = LossDropDetector()
+    second.load_state_dict(first.state_dict())
+    tail = [second.update(s, v) for s, v in zip(steps[650:], losses[650:])]
+    assert [e for e in head + tail if e is not None] == whole
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [({"plateau": 0.2}, "plateau"), ({"window": 0}, "window"), ({"direction": "up"}, "direction")])
+def test_bad_loss_detector_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LossDropDetector(**kwargs)
+
+
+# ---- both together -----------------------------------------------------------------------------------------------
+
+def test_a_drop_across_which_llc_changed_ends_with_both_kinds_of_evidence():
+    rng = np.random.default_rng(4)
+    steps, losses = loss_curve(rng, drops=(600,), noise=0.2)
+    evidence = TransitionEvidence(LossDropDetector(), TransitionDetector())
+    reports, dense = [], []
+    for step, loss in zip(steps, losses):
+        found = evidence.observe_loss(step, loss)
+        dense.append(evidence.wants_dense_estimates)
+        if step % 50 == 0 and step > 0:
+            llc = (5.0 if step < 650 else 9.0) + 0.05 * math.sin(step)
+            found = found or evidence.observe_llc(step, llc, 0.05, healthy=not 650 <= step < 750)
+        if found is not None:
+            reports.append(found)
+    onset, end = reports
+    assert onset.is_onset and onset.evidence == "loss drop" and onset.metric == "train_loss"
+    assert not end.is_onset and end.evidence == "both" and end.metric == "llc/mean"
+    assert end.before == pytest.approx(5.0, abs=0.1) and end.after == pytest.approx(9.0, abs=0.1)
+    assert "unhealthy" in end.reason
+    assert any(dense[600:800]) and not any(dense[:500])
+
+
+def test_a_llc_shift_without_a_loss_drop_is_reported_on_its_own():
+    evidence = TransitionEvidence(LossDropDetector(), TransitionDetector())
+    reports = []
+    for step in range(1, 3001):
+        evidence.observe_loss(step, 1.0)
+        if step % 100 == 0:
+            found = evidence.observe_llc(step, (5.0 if step < 1500 else 8.0) + 0.05 * math.cos(step), 0.05)
+            if found is not None:
+                reports.append(found)
+    assert [(r.evidence, r.direction) for r in reports] == [("λ̂ change", "up")]
+
+
+# ---- TransitionMonitor in a real fit --------------------------------------------------------------------------------
+
 class JumpingSignal(Regressor):
-    """Logs a synthetic metric that jumps at step 30, beside a normal training loss."""
+    """Logs a synthetic metric that drops from 3 to 1 at step 40, beside a normal training loss."""
 
     def training_step(self, batch, batch_idx):
         step = self.global_step
-        wiggle = 0.05 * math.sin(step)
-        self.log("signal", (1.0 if step < 30 else 3.0) + wiggle)
+        self.log("signal", (3.0 if step < 40 else 1.0) + 0.02 * math.sin(step))
         return super().training_step(batch, batch_idx)
 
 
 def test_transition_monitor_alerts_everywhere_it_should(tmp_path):
     seen = []
     logger = TensorBoardLogger(str(tmp_path), name="tm")
-    monitor = TransitionMonitor(monitor="signal", on_transition=lambda trainer, module, t: seen.append((trainer.global_step, t)), save_checkpoint=True)
+    detector = LossDropDetector(metric="signal", window=5, lag=10, plateau_steps=10)
+    monitor = TransitionMonitor(monitor="signal", detector=detector, on_transition=lambda trainer, module, t: seen.append((trainer.global_step, t)), save_checkpoint=True)
     pl.seed_everything(0)
-    trainer = make_trainer(tmp_path, [monitor], logger=logger, max_steps=45, log_every_n_steps=1)
-    with pytest.warns(TransitionWarning, match="step 31: signal .* onset"):
+    trainer = make_trainer(tmp_path, [monitor], logger=logger, max_steps=80, log_every_n_steps=1)
+    with pytest.warns(TransitionWarning, match="signal .* onset"):
         trainer.fit(JumpingSignal(), regression_loader())
-    # logged during step 30's batch, read after its optimizer step; the end follows once the signal has settled
-    assert [(t.step, t.is_onset) for t in monitor.transitions] == [(31, True), (33, False)]
+    onset, end = monitor.transitions
+    assert onset.is_onset and 41 <= onset.step <= 46 and not end.is_onset
     assert seen == [(t.step, t) for t in monitor.transitions]
-    for step in (31, 33):
-        assert os.path.exists(tmp_path / "tm" / "version_0" / "checkpoints" / f"transition-signal-step={step}.ckpt")
+    for t in monitor.transitions:
+        assert os.path.exists(tmp_path / "tm" / "version_0" / "checkpoints" / f"transition-signal-step={t.step}.ckpt")
     events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "tensors": 0})
     events.Reload()
-    assert [e.step for e in events.Scalars("transitions/signal")] == [31, 33]
+    assert [e.step for e in events.Scalars("transitions/onset")] == [onset.step]
+    assert [e.step for e in events.Scalars("transitions/end")] == [end.step]
     assert "transitions/signal/text_summary" in events.Tags()["tensors"]
     restored = TransitionMonitor(monitor="signal")
     restored.load_state_dict(monitor.state_dict())
     assert restored.transitions == monitor.transitions
 
 
+def test_a_metric_that_is_never_logged_is_named_once(tmp_path):
+    monitor = TransitionMonitor(monitor="trian_loss")
+    pl.seed_everything(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, [monitor], max_epochs=2, max_steps=-1).fit(Regressor(), regression_loader())
+    messages = [str(w.message) for w in caught if "never logged" in str(w.message)]
+    assert len(messages) == 1 and "train_loss" in messages[0]
+
+
 def test_transition_is_a_small_frozen_record():
-    event = Transition(step=3, metric="m", before=1.0, after=2.0, score=5.0, direction="up", reason="r")
+    event = Transition(step=3, metric="m", before=1.0, after=2.0, score=5.0, direction="up", reason="onset: r", evidence="λ̂ change")
     with pytest.raises(AttributeError):
         event.step = 4  # type: ignore[misc]
-    assert "step 3" in event.describe()
+    assert "step 3" in event.describe() and "evidence: λ̂ change" in event.describe()

@@ -14,6 +14,7 @@ import time
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
@@ -33,7 +34,9 @@ from lightning_devinterp.callbacks.reporting import (
 from lightning_devinterp.callbacks.schedule import EstimateSchedule
 from lightning_devinterp.callbacks.tracker import SMALLEST, EstimateInputs, LLCRecord, LLCTracker, Processes
 from lightning_devinterp.callbacks.training_data import TrainingData
+from lightning_devinterp.detection.combined import TransitionEvidence
 from lightning_devinterp.detection.detector import Transition, TransitionDetector
+from lightning_devinterp.detection.loss_drops import LossDropDetector
 from lightning_devinterp.sampling.calibration import CalibrationResult
 from lightning_devinterp.sampling.config import SamplingConfig, check_setting_names
 from lightning_devinterp.sampling.model_view import LossFn, resolve_loss_fn
@@ -42,6 +45,14 @@ from lightning_devinterp.sampling.params import select_parameter_names
 log = logging.getLogger(__name__)
 
 SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+
+LOSS_FLUSH_EVERY = 10
+"""Training losses are kept on their device and handed to the loss-drop detector every this many steps, so that
+reading them does not force a device synchronisation at every step."""
+
+DENSE_EVERY = 25
+"""While a transition may be under way, the budgeted schedule adds an estimate every this many steps (if the
+budget has room for it beyond the planned ones)."""
 
 class LLCEstimateWarning(UserWarning):
     """An estimate failed and was skipped (``on_error="warn"``), or was marked unhealthy; training went on."""
@@ -79,9 +90,15 @@ class LLCMonitor(Callback):
     is also in ``trainer.callback_metrics`` (for EarlyStopping/ModelCheckpoint) and the progress bar shows ``llc``.
     With a TensorBoardLogger a custom-scalars layout ("devinterp") and the configuration as text are written once.
 
-    Transitions: each estimate is fed to ``detector`` (a :class:`TransitionDetector` by default; ``False`` turns
-    detection off); a jump warns with :class:`TransitionWarning`, is logged, optionally checkpointed
-    (``save_checkpoint``) and passed to ``on_transition(trainer, pl_module, transition)``.
+    Transitions (:class:`~lightning_devinterp.detection.combined.TransitionEvidence`): the training loss at every
+    step goes to ``loss_detector`` (a :class:`LossDropDetector` by default), whose onsets, a fall after a plateau,
+    are reported at once; each estimate goes to ``detector`` (a :class:`TransitionDetector`), whose shifts between
+    settled λ̂ levels are reported when no loss drop explains them, and each drop's end report gives λ̂ before and
+    after it. Each report says which evidence fired. ``False`` turns either off. While a transition may be under
+    way, the default schedule estimates every 25 steps if the budget has room, so transitions come with λ̂ points.
+    A report warns with :class:`TransitionWarning`, is logged (a marker on the λ̂ chart, ``transitions/onset`` or
+    ``transitions/end``), optionally checkpointed (``save_checkpoint``) and passed to
+    ``on_transition(trainer, pl_module, transition)``.
 
     Faults: an estimate that raises is reported as :class:`LLCEstimateWarning` and skipped (``on_error="warn"``)
     or re-raised (``"raise"``). Under DDP the chains are split across ranks and gathered, so every rank holds the
@@ -97,6 +114,7 @@ class LLCMonitor(Callback):
         dataloader: DataLoader | None = None,
         seed: int = 0,
         detector: TransitionDetector | Literal[False] | None = None,
+        loss_detector: LossDropDetector | Literal[False] | None = None,
         on_transition: TransitionHook | None = None,
         save_checkpoint: bool = False,
         on_error: Literal["warn", "raise"] = "warn",
@@ -114,6 +132,8 @@ class LLCMonitor(Callback):
             raise ValueError(f"seed must be an integer, got {seed!r}.")
         if detector is not None and detector is not False and not isinstance(detector, TransitionDetector):
             raise TypeError(f"detector must be a TransitionDetector, False or None, got {type(detector).__name__}.")
+        if loss_detector is not None and loss_detector is not False and not isinstance(loss_detector, LossDropDetector):
+            raise TypeError(f"loss_detector must be a LossDropDetector, False or None, got {type(loss_detector).__name__}.")
         check_callable("on_transition", on_transition, "on_transition(trainer, pl_module, transition)")
         if on_error not in ("warn", "raise"):
             raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}.")
@@ -124,9 +144,12 @@ class LLCMonitor(Callback):
         self.save_checkpoint = save_checkpoint
         self.on_error = on_error
         self.data = TrainingData(dataloader, self.config.batch_size, buffer_size)
-        self.tracker = LLCTracker(
-            self.config, seed, None if detector is False else detector if detector is not None else TransitionDetector(metric="llc/mean")
+        evidence = TransitionEvidence(
+            None if loss_detector is False else loss_detector or LossDropDetector(),
+            None if detector is False else detector or TransitionDetector(metric="llc/mean"),
         )
+        self.tracker = LLCTracker(self.config, seed, evidence)
+        self._losses: list[tuple[int, Any]] = []
         self._warned_unhealthy = False
         self._warned_budget = False
         self._disabled = False
@@ -146,7 +169,13 @@ class LLCMonitor(Callback):
 
     @property
     def detector(self) -> TransitionDetector | None:
-        return self.tracker.detector
+        """The detector on λ̂ (None when turned off)."""
+        return self.tracker.evidence.llc
+
+    @property
+    def loss_detector(self) -> LossDropDetector | None:
+        """The detector on the training loss (None when turned off)."""
+        return self.tracker.evidence.loss
 
     @property
     def calibration(self) -> CalibrationResult | None:
@@ -231,15 +260,54 @@ class LLCMonitor(Callback):
             return
         with self.schedule.timed():
             step = trainer.global_step
-            if step > self.tracker.last_step and self._agreed(trainer, self.schedule.is_due(step, self.tracker.last_step)):
+            self._remember_loss(trainer, pl_module, step, outputs)
+            if step > self.tracker.last_step and self._agreed(trainer, self._due(step)):
+                self._flush_losses(trainer, pl_module)
                 self._estimate(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._disabled or trainer.global_step <= self.tracker.last_step:
             return
         with self.schedule.timed():
+            self._flush_losses(trainer, pl_module)
             if self._agreed(trainer, self.schedule.plan is not None or self.schedule.within_budget()):
                 self._estimate(trainer, pl_module)
+
+    def _due(self, step: int) -> bool:
+        """A planned or scheduled step, or (default schedule) a denser estimate while a transition may be under way."""
+        if self.schedule.is_due(step, self.tracker.last_step):
+            return True
+        dense = self.schedule.is_budgeted and self.tracker.evidence.wants_dense_estimates and step - self.tracker.last_step >= DENSE_EVERY
+        return dense and self.schedule.has_room(step, self.tracker.smallest_cost())
+
+    def _remember_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, outputs: Any) -> None:
+        """Keep this step's training loss (on its device) for the loss-drop detector; hand them over every few steps."""
+        if self.tracker.evidence.loss is None:
+            return
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            self._losses.append((step, loss.detach()))
+        if self._losses and step - self._losses[0][0] >= LOSS_FLUSH_EVERY:
+            self._flush_losses(trainer, pl_module)
+
+    def _flush_losses(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Hand the kept losses to the detector (their mean over ranks under DDP, so every rank decides alike)."""
+        if not self._losses:
+            return
+        steps, values = zip(*self._losses)
+        self._losses = []
+        stacked = torch.stack([v.float().reshape(()) for v in values])
+        if trainer.world_size > 1:
+            stacked = trainer.strategy.reduce(stacked.to(trainer.strategy.root_device), reduce_op="mean")
+        for step, value in zip(steps, stacked.tolist()):
+            transition = self.tracker.observe_loss(step, value)
+            if transition is not None:
+                self._announce(trainer, pl_module, transition)
+
+    def _announce(self, trainer: pl.Trainer, pl_module: pl.LightningModule, transition: Transition) -> None:
+        announce_transition(
+            trainer, pl_module, transition, llc_value=self.tracker.llc_marker(), on_transition=self.on_transition, save_checkpoint=self.save_checkpoint
+        )
 
     def _agreed(self, trainer: pl.Trainer, decision: bool) -> bool:
         """Rank zero's decision on every rank: time-based decisions could differ and deadlock the gather."""
@@ -290,7 +358,7 @@ class LLCMonitor(Callback):
         self._warn_once_if_unhealthy(record)
         transition = self.tracker.detect(record)
         if transition is not None:
-            announce_transition(trainer, pl_module, transition, on_transition=self.on_transition, save_checkpoint=self.save_checkpoint)
+            self._announce(trainer, pl_module, transition)
         self.schedule.record(time.perf_counter() - started)
 
     def _say_once_what_the_budget_affords(self, step: int) -> None:

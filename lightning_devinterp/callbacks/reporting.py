@@ -23,12 +23,14 @@ TransitionHook = Callable[[pl.Trainer, pl.LightningModule, Transition], None]
 TENSORBOARD_LAYOUT = {
     "devinterp": {
         "LLC (mean ± std over chains)": ["Margin", ["llc/mean", "llc/lower", "llc/upper"]],
-        "LLC and training loss": ["Multiline", [r"^llc/mean$", r"^(train[_/-]?)?loss(_step|_epoch)?$"]],
+        "LLC, transitions marked": ["Multiline", [r"^llc/mean$", r"^llc/transitions$"]],
+        "Training loss": ["Multiline", [r"^(train[_/-]?)?loss(_step|_epoch)?$"]],
         "LLC health (1 = healthy)": ["Multiline", [r"^llc/healthy$"]],
-        "Transitions (score)": ["Multiline", [r"^transitions/.*"]],
+        "Transitions (onsets and ends, score)": ["Multiline", [r"^transitions/.*"]],
     }
 }
-"""The custom-scalars charts written once per run (TensorBoard regexes are matched with ``re.match``)."""
+"""The custom-scalars charts written once per run (TensorBoard regexes are matched with ``re.match``). λ̂ and the
+loss have charts of their own: TensorBoard draws one y-axis per chart, and their scales have nothing in common."""
 
 
 def tensorboard_loggers(trainer: pl.Trainer) -> list[TensorBoardLogger]:
@@ -129,10 +131,12 @@ def announce_transition(
     pl_module: pl.LightningModule,
     transition: Transition,
     *,
+    llc_value: float | None,
     on_transition: TransitionHook | None,
     save_checkpoint: bool,
 ) -> None:
-    """Warn (rank zero), log a marker scalar and a text entry, optionally checkpoint, then call the user's hook.
+    """Warn once (rank zero; the same text goes to the INFO log), mark the λ̂ chart at ``llc_value``, log the
+    onset or end as a scalar and a text entry, optionally checkpoint, then call the user's hook.
 
     Runs on every rank with the same ``transition`` (decisions are made from gathered values), so the collective
     checkpoint save is safe under DDP.
@@ -140,8 +144,12 @@ def announce_transition(
     message = transition.describe()
     rank_zero_warn(message, category=TransitionWarning)
     if trainer.is_global_zero:
-        log.warning(message)
-    log_scalars(trainer, {f"transitions/{transition.metric}": transition.score}, transition.step)
+        log.info(message)
+    kind = "onset" if transition.is_onset else "end"
+    scalars = {f"transitions/{kind}": transition.score}
+    if llc_value is not None:
+        scalars["llc/transitions"] = llc_value
+    log_scalars(trainer, scalars, transition.step)
     for logger in tensorboard_loggers(trainer):
         logger.experiment.add_text(f"transitions/{transition.metric}", message, global_step=transition.step)
         logger.experiment.flush()

@@ -81,6 +81,7 @@ class EstimateSchedule:
         self._elapsed_before = 0.0
         self.own_seconds = 0.0
         self.first_seconds = 0.0
+        self.estimate_seconds = 0.0
         self.last_cost: float | None = None
         self._thinning_credit = 0.5
 
@@ -130,21 +131,28 @@ class EstimateSchedule:
         """Planned estimates from ``step`` on (this one included)."""
         return sum(planned >= step for planned in self.plan) if self.plan is not None else 1
 
+    def _budget(self, step: int, smallest_cost: float | None) -> float:
+        """The monitor's seconds for the whole run: ``max_overhead`` of the training time projected from ``step``
+        steps so far, stretched (up to twice that) to afford :data:`MIN_ESTIMATES` of ``smallest_cost`` besides its
+        per-step work (the loss fed to the transition detector), projected likewise."""
+        assert self.max_overhead is not None
+        training_seconds = max(self.elapsed() - self.own_seconds, 0.0)
+        projected = training_seconds / step * max(self.total_steps or step, step)
+        budget = self.max_overhead * projected
+        if smallest_cost is None:
+            return budget
+        per_step_costs = max(self.own_seconds - self.estimate_seconds, 0.0) / step * max(self.total_steps or step, step)
+        return max(budget, min(per_step_costs + self.first_seconds + MIN_ESTIMATES * smallest_cost, 2 * budget))
+
     def allowance(self, step: int, smallest_cost: float | None = None) -> float | None:
         """Seconds the estimate at ``step`` may take within the budget (None when not budgeted or not yet known):
         what the budget has left over the projected run, shared among the planned estimates still to come.
         ``smallest_cost`` (seconds of the smallest estimate) lets a short run's budget stretch to a curve."""
         if not self.is_budgeted or step < 1 or self.last_cost is None:
             return None
-        assert self.max_overhead is not None
-        training_seconds = max(self.elapsed() - self.own_seconds, 0.0)
-        total = self.total_steps if self.total_steps else step
-        projected = training_seconds / step * max(total, step)
-        budget = self.max_overhead * projected
+        share = (self._budget(step, smallest_cost) - self.own_seconds) / self.remaining_planned(step)
         if smallest_cost is None:
-            return (budget - self.own_seconds) / self.remaining_planned(step)
-        budget = max(budget, min(self.first_seconds + MIN_ESTIMATES * smallest_cost, 2 * budget))
-        share = (budget - self.own_seconds) / self.remaining_planned(step)
+            return share
         if share >= smallest_cost:
             early = self.total_steps is not None and step <= EARLY_FRACTION * self.total_steps
             return smallest_cost if early else share
@@ -153,6 +161,13 @@ class EstimateSchedule:
             self._thinning_credit -= 1.0
             return smallest_cost
         return 0.0
+
+    def has_room(self, step: int, smallest_cost: float | None) -> bool:
+        """Whether an estimate beyond the plan fits: the budget then still affords every planned estimate at the
+        smallest size (for the denser estimates around a transition)."""
+        if smallest_cost is None or not self.is_budgeted or step < 1 or self.last_cost is None:
+            return False
+        return self._budget(step, smallest_cost) - self.own_seconds >= smallest_cost * (self.remaining_planned(step + 1) + 1)
 
     def within_budget(self) -> bool:
         """For runs of unknown length: another estimate like the last keeps the monitor within its share."""
@@ -177,13 +192,18 @@ class EstimateSchedule:
         if self.last_cost is None:
             self.first_seconds = self.own_seconds + seconds
         self.last_cost = seconds
+        self.estimate_seconds += seconds
 
     def state_dict(self) -> dict[str, Any]:
-        return {"elapsed": self.elapsed(), "own_seconds": self.own_seconds, "first_seconds": self.first_seconds, "last_cost": self.last_cost}
+        return {
+            "elapsed": self.elapsed(), "own_seconds": self.own_seconds, "first_seconds": self.first_seconds,
+            "estimate_seconds": self.estimate_seconds, "last_cost": self.last_cost,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._elapsed_before = state["elapsed"]
         self._clock_start = self.clock()
         self.own_seconds = state["own_seconds"]
         self.first_seconds = state.get("first_seconds", 0.0)
+        self.estimate_seconds = state.get("estimate_seconds", 0.0)
         self.last_cost = state["last_cost"]

@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from lightning_devinterp._rng import preserved_rng_states
 from lightning_devinterp.callbacks.distributed import Collective, chains_per_rank, derive_seed, gather_run
-from lightning_devinterp.detection.detector import Transition, TransitionDetector
+from lightning_devinterp.detection.combined import TransitionEvidence
+from lightning_devinterp.detection.detector import Transition
 from lightning_devinterp.sampling.calibration import CalibrationResult, calibrate_on_source
 from lightning_devinterp.sampling.chains import ChainRun, run_chains
 from lightning_devinterp.sampling.config import SamplingConfig
@@ -119,10 +120,10 @@ class LLCTracker:
     calibrates epsilon and keeps it for the run (calibration is retried at later estimates while nothing qualifies).
     """
 
-    def __init__(self, config: SamplingConfig, seed: int, detector: TransitionDetector | None) -> None:
+    def __init__(self, config: SamplingConfig, seed: int, evidence: TransitionEvidence) -> None:
         self.config = config
         self.seed = seed
-        self.detector = detector
+        self.evidence = evidence
         self.history: list[LLCRecord] = []
         self.transitions: list[Transition] = []
         self.last_step = -1
@@ -274,18 +275,27 @@ class LLCTracker:
         return record
 
     def detect(self, record: LLCRecord) -> Transition | None:
-        """Feed an estimate to the detector (with its standard error over chains); the transition it reports, if any.
-        A change of step size shifts λ̂ without any change in the model, so the detector starts over at it."""
-        if self.detector is None:
-            return None
+        """Feed an estimate to the evidence (with its standard error over chains); the transition reported, if any.
+        A change of step size shifts λ̂ without any change in the model, so λ̂'s series starts over at it."""
         if record.epsilon_changed:
-            self.detector.reset()
+            self.evidence.reset_llc()
         alive = record.result.num_chains_used
         standard_error = record.llc_std / math.sqrt(alive) if alive > 1 else None
-        transition = self.detector.update(record.step, record.llc_mean, standard_error, healthy=record.healthy)
+        return self._keep(self.evidence.observe_llc(record.step, record.llc_mean, standard_error, healthy=record.healthy))
+
+    def observe_loss(self, step: int, loss: float) -> Transition | None:
+        """Feed the training loss at ``step``; the onset or end of a loss drop, if one is reported."""
+        return self._keep(self.evidence.observe_loss(step, loss))
+
+    def _keep(self, transition: Transition | None) -> Transition | None:
         if transition is not None:
             self.transitions.append(transition)
         return transition
+
+    def llc_marker(self) -> float | None:
+        """Where a transition marker goes on the λ̂ chart: the latest healthy estimate's value (None before one)."""
+        healthy = [record for record in self.history if record.healthy]
+        return healthy[-1].llc_mean if healthy else None
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -295,7 +305,7 @@ class LLCTracker:
             ],
             "transitions": [dataclasses.asdict(transition) for transition in self.transitions],
             "last_step": self.last_step,
-            "detector": self.detector.state_dict() if self.detector is not None else None,
+            "evidence": self.evidence.state_dict(),
             "epsilon": self.epsilon,
         }
 
@@ -303,7 +313,7 @@ class LLCTracker:
         self.history = [LLCRecord(**{**record, "result": LLCResult(**record["result"])}) for record in state["history"]]
         self.transitions = [Transition(**transition) for transition in state["transitions"]]
         self.last_step = state["last_step"]
-        if self.detector is not None and state["detector"] is not None:
-            self.detector.load_state_dict(state["detector"])
+        if state.get("evidence") is not None:
+            self.evidence.load_state_dict(state["evidence"])
         if not isinstance(self.config.epsilon, (int, float)) and state.get("epsilon") is not None:
             self.epsilon = state["epsilon"]

@@ -1,4 +1,4 @@
-"""TransitionMonitor: watch any logged metric for sudden jumps, EarlyStopping-style."""
+"""TransitionMonitor: watch any logged metric for transitions, EarlyStopping-style."""
 
 from __future__ import annotations
 
@@ -8,41 +8,51 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_devinterp._checks import check_callable
 from lightning_devinterp.callbacks.reporting import TransitionHook, announce_transition
 from lightning_devinterp.detection.detector import Transition, TransitionDetector
+from lightning_devinterp.detection.loss_drops import LossDropDetector
 
 
 class TransitionMonitor(Callback):
-    """Feed ``trainer.callback_metrics[monitor]`` to a :class:`TransitionDetector` and alert on jumps.
+    """Feed ``trainer.callback_metrics[monitor]`` to a detector and alert on transitions.
+
+    The default detector is a :class:`LossDropDetector` with ``direction="both"``: it smooths the metric over 50
+    steps on a log scale, judges changes against its own robust noise, and reports a fast fall (or rise) only after
+    a plateau, so minibatch noise and smooth decays raise nothing. It needs a positive metric (a loss, an
+    accuracy); for anything else, or a metric logged rarely, pass ``detector=TransitionDetector(...)``.
 
     The metric is read after each optimizer step and after each validation run, once per step; steps where it was
-    not logged are skipped. Alerts are those of :class:`LLCMonitor`: a :class:`TransitionWarning`, a WARNING on the
-    ``lightning_devinterp`` logger, a ``transitions/<monitor>`` scalar and a TensorBoard text entry, an optional
-    checkpoint and the ``on_transition(trainer, pl_module, transition)`` hook. Under DDP the detector sees the mean
-    of the metric over ranks (one small all-reduce per step), so every rank makes the same decision.
+    not logged are skipped, and if it was never logged by the end of the first epoch a warning lists the metrics
+    that were. Alerts are those of :class:`LLCMonitor`: a :class:`TransitionWarning` (also at INFO on the
+    ``lightning_devinterp`` logger), a ``transitions/onset`` or ``transitions/end`` scalar and a TensorBoard text
+    entry, an optional checkpoint and the ``on_transition(trainer, pl_module, transition)`` hook. Under DDP the
+    detector sees the mean of the metric over ranks (one small all-reduce per step), so every rank decides alike.
     """
 
     def __init__(
         self,
         monitor: str = "train_loss",
-        detector: TransitionDetector | None = None,
+        detector: LossDropDetector | TransitionDetector | None = None,
         on_transition: TransitionHook | None = None,
         save_checkpoint: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(monitor, str) or not monitor:
             raise ValueError(f"monitor must be the name of a logged metric, got {monitor!r}.")
-        if detector is not None and not isinstance(detector, TransitionDetector):
-            raise TypeError(f"detector must be a TransitionDetector or None, got {type(detector).__name__}.")
-        if on_transition is not None and not callable(on_transition):
-            raise TypeError("on_transition must be callable as on_transition(trainer, pl_module, transition).")
+        if detector is not None and not isinstance(detector, (LossDropDetector, TransitionDetector)):
+            raise TypeError(f"detector must be a LossDropDetector, a TransitionDetector or None, got {type(detector).__name__}.")
+        check_callable("on_transition", on_transition, "on_transition(trainer, pl_module, transition)")
         self.monitor = monitor
-        self.detector = detector if detector is not None else TransitionDetector(metric=monitor)
+        self.detector = detector if detector is not None else LossDropDetector(metric=monitor, direction="both")
         self.on_transition = on_transition
         self.save_checkpoint = save_checkpoint
         self.transitions: list[Transition] = []
         self._last_step = -1
+        self._seen = False
+        self._warned_missing = False
 
     @property
     def state_key(self) -> str:
@@ -58,17 +68,34 @@ class TransitionMonitor(Callback):
             value = total / present if present == trainer.world_size else None
         if value is None:
             return
+        self._seen = True
         self._last_step = trainer.global_step
         transition = self.detector.update(trainer.global_step, float(value))
         if transition is not None:
             self.transitions.append(transition)
-            announce_transition(trainer, pl_module, transition, on_transition=self.on_transition, save_checkpoint=self.save_checkpoint)
+            announce_transition(trainer, pl_module, transition, llc_value=None, on_transition=self.on_transition, save_checkpoint=self.save_checkpoint)
+
+    def _warn_if_never_seen(self, trainer: pl.Trainer) -> None:
+        if self._seen or self._warned_missing or trainer.fast_dev_run:
+            return
+        self._warned_missing = True
+        logged = ", ".join(sorted(trainer.callback_metrics)) or "none"
+        rank_zero_warn(
+            f"TransitionMonitor: the metric {self.monitor!r} was never logged, so nothing is watched. Metrics logged so far: {logged}. "
+            "Log it with self.log(...) or pass monitor=<one of these>."
+        )
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._observe(trainer, pl_module)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._observe(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._warn_if_never_seen(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._warn_if_never_seen(trainer)
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -1,0 +1,215 @@
+"""The runs of the transitions benchmark, generated from seeds: each seed picks its own settings.
+
+Families with staged learning (each loss drop after a plateau is a transition):
+- ``dln``: deep linear networks from small initialisation learn a teacher's singular modes one at a time (depth
+  2-4, widths 6-10, teacher ranks 2-4, init scales and learning rates drawn per seed; some learn their first mode
+  within the first 10% of training);
+- ``tms``: toy models of superposition, 5-8 sparse features through 2 hidden dimensions (densities, learning
+  rates drawn per seed), which pass through k-gon configurations;
+- ``parity``: an MLP learning a 3-sparse parity of 30 bits (Barak et al. 2022): a long plateau at the loss of
+  chance, then a sudden drop once the relevant coordinates are found. Chosen as the third family because its
+  staged behaviour is well documented, it fits a CPU in seconds, and its drop is gentler than the other two.
+
+Controls, where every report is a false alarm:
+- ``linear``: linear regression from its default initialisation (a regular model: the loss decays smoothly);
+- ``finetune``: a converged deep linear network fine-tuned with a small learning rate;
+- ``digits``: an ordinary MLP classifier on scikit-learn's digits with Adam;
+- ``noisy``: linear regression at its least-squares solution with heavy label noise and batch 8 (a minibatch
+  loss that only jitters).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+FAMILIES = ("dln", "tms", "parity")
+CONTROLS = ("linear", "finetune", "digits", "noisy")
+
+
+def gaussian_nll(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return 0.5 * ((prediction - target) ** 2).sum(-1).mean()
+
+
+class Trainee(pl.LightningModule):
+    """A network, its loss on a batch, and plain SGD or Adam."""
+
+    def __init__(self, net: nn.Module, loss: Callable[[nn.Module, tuple], torch.Tensor], lr: float, adam: bool = False) -> None:
+        super().__init__()
+        self.net, self.loss, self.lr, self.adam = net, loss, lr, adam
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        loss = self.loss(self.net, batch)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return (torch.optim.Adam if self.adam else torch.optim.SGD)(self.parameters(), lr=self.lr)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One benchmark run: its family, a name that states its settings, its seed and how to build it."""
+
+    family: str
+    name: str
+    seed: int
+    steps: int
+    batch_size: int
+    build: Callable[[], tuple[Trainee, TensorDataset]]
+
+    @property
+    def key(self) -> str:
+        return f"{self.family}-seed{self.seed}"
+
+
+def _regression_loss(net: nn.Module, batch: tuple) -> torch.Tensor:
+    x, y = batch
+    return gaussian_nll(net(x), y)
+
+
+def _classification_loss(net: nn.Module, batch: tuple) -> torch.Tensor:
+    x, y = batch
+    return F.cross_entropy(net(x), y)
+
+
+def _dln(seed: int) -> Spec:
+    rng = random.Random(seed)
+    depth, width, rank = rng.choice([2, 3, 4]), rng.choice([6, 8, 10]), rng.choice([2, 3, 4])
+    init = rng.choice({2: [1e-2, 1e-3, 1e-4], 3: [0.03, 0.06], 4: [0.12, 0.2]}[depth])
+    lr = rng.choice([2e-3, 3e-3, 5e-3])
+    singular = [4.0 / 2**k for k in range(rank)]
+    steps = 4000
+
+    def build() -> tuple[Trainee, TensorDataset]:
+        generator = torch.Generator().manual_seed(seed)
+        left = torch.linalg.qr(torch.randn(width, width, generator=generator))[0]
+        right = torch.linalg.qr(torch.randn(width, width, generator=generator))[0]
+        teacher = left[:, :rank] @ torch.diag(torch.tensor(singular)) @ right[:, :rank].T
+        x = torch.randn(2000, width, generator=generator)
+        data = TensorDataset(x, x @ teacher.T + 0.1 * torch.randn(2000, width, generator=generator))
+        torch.manual_seed(seed)
+        net = nn.Sequential(*(nn.Linear(width, width, bias=False) for _ in range(depth)))
+        with torch.no_grad():
+            for layer in net:
+                layer.weight.normal_(0.0, init)
+        return Trainee(net, _regression_loss, lr), data
+
+    return Spec("dln", f"depth {depth}, width {width}, rank {rank}, init {init:g}, lr {lr:g}", seed, steps, 100, build)
+
+
+class ToyModel(nn.Module):
+    def __init__(self, features: int, generator: torch.Generator) -> None:
+        super().__init__()
+        self.W = nn.Parameter(0.01 * torch.randn(2, features, generator=generator))
+        self.b = nn.Parameter(torch.zeros(features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x @ self.W.T @ self.W + self.b)
+
+
+def _tms(seed: int) -> Spec:
+    rng = random.Random(seed)
+    features, density, lr = rng.choice([5, 6, 7, 8]), rng.choice([0.03, 0.05, 0.08]), rng.choice([0.2, 0.3, 0.5])
+
+    def build() -> tuple[Trainee, TensorDataset]:
+        generator = torch.Generator().manual_seed(seed)
+        values = torch.rand(1024, features, generator=generator)
+        x = values * (torch.rand(1024, features, generator=generator) < density)
+        return Trainee(ToyModel(features, generator), lambda net, batch: gaussian_nll(net(batch[0]), batch[0]), lr), TensorDataset(x)
+
+    return Spec("tms", f"{features} features, density {density:g}, lr {lr:g}", seed, 3000, 128, build)
+
+
+def _parity(seed: int) -> Spec:
+    rng = random.Random(seed)
+    bits, lr = rng.choice([28, 30, 32]), rng.choice([0.05, 0.08])
+
+    def build() -> tuple[Trainee, TensorDataset]:
+        generator = torch.Generator().manual_seed(seed)
+        x = torch.randint(0, 2, (4000, bits), generator=generator).float() * 2 - 1
+        y = (x[:, :3].prod(1) > 0).long()
+        torch.manual_seed(seed)
+        net = nn.Sequential(nn.Linear(bits, 128), nn.ReLU(), nn.Linear(128, 2))
+        return Trainee(net, _classification_loss, lr), TensorDataset(x, y)
+
+    return Spec("parity", f"{bits} bits, lr {lr:g}", seed, 5000, 64, build)
+
+
+def _linear(seed: int) -> Spec:
+    def build() -> tuple[Trainee, TensorDataset]:
+        generator = torch.Generator().manual_seed(seed)
+        x = torch.randn(2000, 10, generator=generator)
+        data = TensorDataset(x, x @ torch.randn(10, 3, generator=generator) + 0.5 * torch.randn(2000, 3, generator=generator))
+        torch.manual_seed(seed)
+        return Trainee(nn.Linear(10, 3), _regression_loss, 0.01), data
+
+    return Spec("linear", "linear regression from init, SGD 0.01", seed, 2000, 32, build)
+
+
+def _finetune(seed: int) -> Spec:
+    def build() -> tuple[Trainee, TensorDataset]:
+        trainee, data = _dln(seed).build()
+        x, y = data.tensors
+        optimizer = torch.optim.SGD(trainee.net.parameters(), lr=0.01)
+        for layer in trainee.net:
+            nn.init.orthogonal_(layer.weight, gain=0.5)
+        for _ in range(3000):
+            optimizer.zero_grad()
+            gaussian_nll(trainee.net(x), y).backward()
+            optimizer.step()
+        trainee.lr = 1e-4
+        return trainee, data
+
+    return Spec("finetune", "converged deep linear network, SGD 1e-4", seed, 2000, 100, build)
+
+
+def _digits(seed: int) -> Spec:
+    def build() -> tuple[Trainee, TensorDataset]:
+        from sklearn.datasets import load_digits
+
+        images, labels = load_digits(return_X_y=True)
+        torch.manual_seed(seed)
+        net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+        return Trainee(net, _classification_loss, 1e-3, adam=True), TensorDataset(torch.tensor(images, dtype=torch.float32) / 16, torch.tensor(labels))
+
+    return Spec("digits", "MLP on digits, Adam 1e-3", seed, 3000, 64, build)
+
+
+def _noisy(seed: int) -> Spec:
+    def build() -> tuple[Trainee, TensorDataset]:
+        generator = torch.Generator().manual_seed(seed)
+        x = torch.randn(2000, 5, generator=generator)
+        y = x @ torch.randn(5, 2, generator=generator) + 3.0 * torch.randn(2000, 2, generator=generator)
+        torch.manual_seed(seed)
+        linear = nn.Linear(5, 2)
+        design = torch.cat([x, torch.ones(2000, 1)], dim=1)
+        solution = torch.linalg.lstsq(design, y).solution
+        with torch.no_grad():
+            linear.weight.copy_(solution[:-1].T)
+            linear.bias.copy_(solution[-1])
+        return Trainee(linear, _regression_loss, 1e-3), TensorDataset(x, y)
+
+    return Spec("noisy", "least-squares fit, label noise 3, batch 8", seed, 2000, 8, build)
+
+
+BUILDERS: dict[str, Callable[[int], Spec]] = {
+    "dln": _dln, "tms": _tms, "parity": _parity, "linear": _linear, "finetune": _finetune, "digits": _digits, "noisy": _noisy,
+}
+
+
+def specs(families: list[str], seeds: range) -> list[Spec]:
+    return [BUILDERS[family](seed) for family in families for seed in seeds]
+
+
+def is_held_out(seed: int) -> bool:
+    """Odd seeds are held out: defaults are tuned on even seeds only."""
+    return seed % 2 == 1

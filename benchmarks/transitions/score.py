@@ -1,0 +1,110 @@
+"""Replay recorded runs through the monitor's detection and score it against the ground truth.
+
+The replay is what ``LLCMonitor()`` does online: the minibatch loss at every step goes to
+:class:`~lightning_devinterp.detection.combined.TransitionEvidence`, and λ̂ estimates arrive every ``baseline``
+steps (from step ``baseline`` on), plus every 25 steps while the evidence asks for dense estimates (densify).
+
+Metrics per family, for reports (onsets) only:
+- recall: an episode counts as found when a report of its own (each report serves one episode) lies between its
+  start minus one estimation interval (``baseline``) and its end plus 150 steps;
+- false reports per run: reports that found no episode (on control runs, every report);
+- median latency: from an episode's start to its report, over found episodes;
+- impossible: the share of reports whose ``before`` lies outside the range of values the series showed so far.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+from families import CONTROLS
+from ground_truth import Episode, episodes
+from lightning_devinterp.detection.combined import TransitionEvidence
+from lightning_devinterp.detection.detector import Transition, TransitionDetector
+from lightning_devinterp.detection.loss_drops import LossDropDetector
+from record import GRID
+
+RECALL_BEFORE = 100
+RECALL_AFTER = 150
+
+
+def replay(
+    series: dict[str, Any],
+    baseline: int = 100,
+    densify: bool = True,
+    loss_settings: dict[str, Any] | None = None,
+    llc_settings: dict[str, Any] | None = None,
+) -> tuple[list[Transition], list[tuple[int, float]]]:
+    """The reports the monitor would make on this run, and the (step, λ̂) points it would have seen. Settings
+    (``None`` for a detector turns it off) default to the detectors' defaults."""
+    evidence = TransitionEvidence(
+        LossDropDetector(**loss_settings) if loss_settings is not None else None,
+        TransitionDetector(**llc_settings) if llc_settings is not None else None,
+    )
+    estimates = {entry["step"]: entry for entry in series["llc"]}
+    reports: list[Transition] = []
+    seen: list[tuple[int, float]] = []
+    last = -math.inf
+    for step, loss in series["minibatch_loss"]:
+        found = evidence.observe_loss(step, loss)
+        if found is not None:
+            reports.append(found)
+        due = step > 0 and (step % baseline == 0 or (densify and evidence.wants_dense_estimates and step - last >= GRID))
+        if due and step in estimates:
+            last = step
+            entry = estimates[step]
+            if entry["epsilon_changed"]:
+                evidence.reset_llc()
+            seen.append((step, entry["mean"]))
+            standard_error = entry["std"] / math.sqrt(entry["chains"]) if entry["chains"] > 1 and math.isfinite(entry["std"]) else None
+            found = evidence.observe_llc(step, entry["mean"], standard_error, entry["healthy"])
+            if found is not None:
+                reports.append(found)
+    return reports, seen
+
+
+@dataclass
+class Score:
+    runs: int = 0
+    episodes: int = 0
+    found: int = 0
+    false: int = 0
+    reports: int = 0
+    impossible: int = 0
+    latencies: list[int] = field(default_factory=list)
+
+    def add(self, other: "Score") -> None:
+        for name in ("runs", "episodes", "found", "false", "reports", "impossible"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.latencies += other.latencies
+
+    def row(self) -> str:
+        recall = f"{self.found / self.episodes:.0%}" if self.episodes else "-"
+        latency = f"{statistics.median(self.latencies):.0f}" if self.latencies else "-"
+        impossible = f"{self.impossible / self.reports:.0%}" if self.reports else "-"
+        return f"{self.runs:>4} {self.episodes:>8} {recall:>7} {self.false / max(self.runs, 1):>9.2f} {latency:>8} {impossible:>10}"
+
+
+def score_run(series: dict[str, Any], **replay_kwargs: Any) -> Score:
+    replay_kwargs = {"loss_settings": {}, "llc_settings": {}, **replay_kwargs}
+    """A control run has no episode by definition: every report there is a false alarm."""
+    truth: list[Episode] = [] if series["family"] in CONTROLS else episodes(series["full_loss"])
+    reports, seen = replay(series, **replay_kwargs)
+    onsets = [report for report in reports if report.is_onset]
+    result = Score(runs=1, episodes=len(truth), reports=len(onsets))
+    unused = list(onsets)
+    for episode in truth:
+        match = next((r for r in unused if episode.start - RECALL_BEFORE <= r.step <= episode.end + RECALL_AFTER), None)
+        if match is not None:
+            unused.remove(match)
+            result.found += 1
+            result.latencies.append(match.step - episode.start)
+    result.false = len(unused)
+    losses = series["minibatch_loss"]
+    for report in onsets:
+        shown = [v for s, v in (losses if report.metric == "train_loss" else seen) if s <= report.step]
+        if shown and not (min(shown) - 1e-9 <= report.before <= max(shown) + 1e-9):
+            result.impossible += 1
+    return result

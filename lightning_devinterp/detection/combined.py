@@ -1,0 +1,134 @@
+"""One stream of transition reports from two kinds of evidence: the training loss (dense) and λ̂ (sparse).
+
+- A fall of the training loss after a plateau (:class:`~lightning_devinterp.detection.loss_drops.LossDropDetector`)
+  is reported at once, as the onset of a transition (evidence ``"loss drop"``).
+- When the fall ends, the end is reported with λ̂ before and after it: ``before`` is λ̂'s settled level before the
+  onset, ``after`` the latest healthy estimate; the evidence is ``"both"`` when λ̂ moved by more than the λ̂
+  detector's threshold (in its noise units and relative terms), else ``"loss drop"``. λ̂ going negative or
+  unhealthy while the loss falls is what a model mid-transition looks like (w* has left its minimum), and the
+  end report says so.
+- A shift of λ̂ between settled levels while the loss sits on a plateau
+  (:class:`~lightning_devinterp.detection.detector.TransitionDetector`) is reported on its own (``"λ̂ change"``);
+  within a drop, or shortly after it, it belongs to that drop's report, and while the loss is still settling (a
+  model converging from initialisation) λ̂ is expected to move and is not reported.
+
+:attr:`TransitionEvidence.wants_dense_estimates` tells the monitor when to estimate more often: while the loss is
+leaving its plateau or falling, and while λ̂ has left its level without the change being confirmed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from lightning_devinterp.detection.detector import Transition, TransitionDetector
+from lightning_devinterp.detection.loss_drops import LossDropDetector
+
+
+class TransitionEvidence:
+    """Combines :class:`LossDropDetector` (on the training loss) and :class:`TransitionDetector` (on λ̂); either may
+    be None. ``attribution_steps`` after a loss drop ends, λ̂ changes still belong to it (default: its ``lag``)."""
+
+    def __init__(
+        self, loss: LossDropDetector | None = None, llc: TransitionDetector | None = None, attribution_steps: int | None = None
+    ) -> None:
+        self.loss = loss
+        self.llc = llc
+        self.attribution_steps = attribution_steps if attribution_steps is not None else (loss.lag if loss is not None else 0)
+        self._episode: dict[str, Any] | None = None
+        self._last_end: int | None = None
+        self._last_healthy: tuple[int, float] | None = None
+
+    @property
+    def wants_dense_estimates(self) -> bool:
+        """True while a transition may be under way: estimates there are worth more."""
+        loss = self.loss is not None and (self.loss.leaving_plateau or self.loss.in_transition)
+        return loss or (self.llc is not None and self.llc.in_transition)
+
+    def _llc_level(self) -> float | None:
+        if self.llc is not None and self.llc.level is not None:
+            return self.llc.level
+        return self._last_healthy[1] if self._last_healthy is not None else None
+
+    def observe_loss(self, step: int, loss: float) -> Transition | None:
+        """Feed the training loss at ``step``; the onset or end of a loss drop, if one is reported."""
+        if self.loss is None:
+            return None
+        found = self.loss.update(step, loss)
+        if found is None:
+            return None
+        if found.is_onset:
+            self._episode = {"step": found.step, "llc_before": self._llc_level(), "lowest": math.inf, "unhealthy": 0}
+            return found
+        return self._end(found)
+
+    def _end(self, loss_end: Transition) -> Transition:
+        episode, self._episode = self._episode or {}, None
+        self._last_end = loss_end.step
+        before, after = episode.get("llc_before"), self._last_healthy[1] if self._last_healthy is not None else None
+        loss_words = f"loss {loss_end.before:.4g} -> {loss_end.after:.4g}"
+        if before is None or after is None:
+            return loss_end
+        lowest, unhealthy = episode["lowest"], episode["unhealthy"]
+        symptoms = ""
+        if unhealthy or lowest < 0:
+            symptoms = f"; during the fall λ̂ went as low as {lowest:.4g}" + (f" with {unhealthy} unhealthy estimate(s)" if unhealthy else "")
+            symptoms += " (w* left its minimum)"
+        moved = self.llc is not None and self._is_change(before, after)
+        return Transition(
+            step=loss_end.step,
+            metric=self.llc.metric if self.llc is not None else "llc/mean",
+            before=before,
+            after=after,
+            score=loss_end.score,
+            direction="up" if after > before else "down",
+            reason=f"{loss_end.reason}: {loss_words}{symptoms}",
+            evidence="both" if moved else "loss drop",
+        )
+
+    def _is_change(self, before: float, after: float) -> bool:
+        assert self.llc is not None
+        scale = self.llc.scale() if self.llc.level is not None else self.llc.relative_floor * abs(before)
+        return abs(after - before) >= max(self.llc.threshold * scale, self.llc.min_relative_change * abs(before))
+
+    def observe_llc(self, step: int, value: float, std: float | None = None, healthy: bool = True) -> Transition | None:
+        """Feed one λ̂ estimate; a λ̂-only transition, if one is reported (changes within a loss drop belong to it)."""
+        if math.isfinite(value):
+            if healthy:
+                self._last_healthy = (step, value)
+            if self._episode is not None:
+                self._episode["lowest"] = min(self._episode["lowest"], value)
+                self._episode["unhealthy"] += not healthy
+        if self.llc is None:
+            return None
+        found = self.llc.update(step, value, std, healthy)
+        if found is None:
+            return None
+        recently_ended = self._last_end is not None and found.step - self._last_end <= self.attribution_steps
+        if self._episode is not None or recently_ended or (self.loss is not None and not self.loss.on_plateau):
+            return None
+        return found
+
+    def reset_llc(self) -> None:
+        """λ̂ is no longer comparable with what came before (the step size changed): start its series over."""
+        if self.llc is not None:
+            self.llc.reset()
+        self._last_healthy = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "loss": self.loss.state_dict() if self.loss is not None else None,
+            "llc": self.llc.state_dict() if self.llc is not None else None,
+            "episode": dict(self._episode) if self._episode is not None else None,
+            "last_end": self._last_end,
+            "last_healthy": list(self._last_healthy) if self._last_healthy is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.loss is not None and state.get("loss") is not None:
+            self.loss.load_state_dict(state["loss"])
+        if self.llc is not None and state.get("llc") is not None:
+            self.llc.load_state_dict(state["llc"])
+        self._episode = dict(state["episode"]) if state.get("episode") is not None else None
+        self._last_end = state.get("last_end")
+        self._last_healthy = tuple(state["last_healthy"]) if state.get("last_healthy") is not None else None  # type: ignore[assignment]

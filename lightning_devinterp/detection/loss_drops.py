@@ -1,0 +1,351 @@
+"""The earliest and cheapest sign of a transition: a training loss that, after a plateau, starts to fall fast.
+
+The monitor sees the loss at every step. Its logarithm, smoothed by a running median over ``window`` steps, is
+compared with its value ``lag`` steps earlier: the *rate* ``R(t) = s(t - lag) - s(t)`` (log units; with the
+defaults, per 100 steps: 0.1 is a 10% fall). An onset needs three things at once:
+
+- ``R`` above ``drop``, and above ``noise_z`` times its own noise (so minibatch noise cannot pass for a fall);
+- a *plateau* shortly before it: a stretch of ``plateau_steps`` over which the smoothed log-loss stayed within a
+  band of ``plateau`` (or its noise), ending at most :data:`LOOKBACK` lags before the fall's window (a fall that
+  accelerates gradually after a long plateau counts), and ``R`` now at least :data:`CONTRAST` times that band
+  (a bump up and back down is not flat, and a steady decay whose rate wobbles does not pass for a plateau and a
+  fall). A loss that falls smoothly from initialisation, as a regular model's does, never has one, so it is never
+  reported;
+- the smoothed series long enough to judge both (nothing is said in the first ``window + lag + plateau_steps``
+  steps, but a plateau at the very start of training counts once it has lasted that long).
+
+A slow fall under heavy minibatch noise is invisible at one scale and plain at a longer one, so the rule runs at
+several ``scales`` k at once (window, lag and plateau times k, the same rate per ``lag`` steps: a threshold of
+``drop`` x k over ``lag`` x k steps), each with its own noise; the first to fire reports. The noise of ``R``
+shrinks as k^1.5 relative to the fall it measures, at the price of a later report.
+
+The fall *ends* when ``R`` (at the scale that reported) has stayed below half its threshold for half a lag; the
+next onset needs a new plateau. The noise of ``R`` is the larger of two estimates: the robust spread of
+successive log-losses (1.4826 x median absolute difference / √2) scaled to a ``window``-step running median
+(x 1.2533 / √window) and to a difference of two of them (x √2), which is right for independent minibatch noise;
+and the robust spread of ``R`` itself over its last :data:`RATE_HISTORY` lags outside transitions (the history
+starts over after each), which also sees the slow wander of an optimizer such as Adam late in training
+(fluctuations that last tens of steps and do not average out).
+
+The same rule, at scale 1 and without the noise guard, applied to the full-training-set loss, is how the
+transitions benchmark (``benchmarks/transitions``) defines its ground truth.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Sequence
+from statistics import median
+from typing import Any, Literal
+
+from lightning_devinterp._checks import check_count, check_number
+from lightning_devinterp.detection.detector import Transition, robust_std
+
+NOISE_SAMPLES = 200
+"""Successive differences kept for the noise estimate."""
+
+CONTRAST = 2.0
+"""A fall must be at least this many times the band the plateau before it stayed in."""
+
+LOOKBACK = 2
+"""The plateau may end up to this many lags before the fall's window."""
+
+RATE_HISTORY = 20
+"""Lags of past rates whose robust spread is the second noise estimate."""
+
+REFRESH = 10
+"""Noise estimates (medians, so sorts) are refreshed every this many new values, not at every step."""
+
+BAND_Z = 3.0
+"""A plateau's band may be as wide as this many noise units of the smoothed log-loss (about the range that noise
+alone gives a smoothed series over a plateau)."""
+
+STRIDE_DIVISOR = 10
+"""Each scale recomputes its running median and rate every window / this many steps (a few steps' delay, a tenth
+of the cost at every step)."""
+
+MEDIAN_EFFICIENCY = 1.2533
+"""The standard error of a median of n Gaussian values is this many times that of their mean (√(π/2))."""
+
+
+
+class _Scale:
+    """The rule at one time scale: its smoothed series, its rates, and whether a fall it reported is under way."""
+
+    def __init__(self, window: int, lag: int, plateau_steps: int, drop: float, plateau: float) -> None:
+        self.window, self.lag, self.plateau_steps, self.drop, self.plateau = window, lag, plateau_steps, drop, plateau
+        self.stride = max(1, window // STRIDE_DIVISOR)
+        self.recent: deque[float] = deque(maxlen=window)
+        self.smoothed: deque[tuple[int, float]] = deque()
+        self.rates: deque[tuple[int, float]] = deque()
+        self.history: deque[float] = deque(maxlen=RATE_HISTORY * lag // self.stride)
+        self._wander = 0.0
+        self._added = 0
+
+    def noise(self, spread: float) -> float:
+        """Standard deviation of R under noise alone: from the per-step log-noise ``spread`` (independent noise) or
+        from R's own past spread (slow wander), whichever is larger."""
+        independent = spread * MEDIAN_EFFICIENCY / math.sqrt(self.window) * math.sqrt(2)
+        return max(independent, self._wander)
+
+    def _remember(self, rate: float) -> None:
+        self.history.append(rate)
+        self._added += 1
+        if self._added % REFRESH == 0:
+            self._wander = robust_std(self.history) if len(self.history) >= 2 * self.lag // self.stride else 0.0
+
+    def add(self, step: int, log_value: float, calm: bool) -> float | None:
+        """Add a log-loss; the current rate R, every ``stride`` steps once it can be computed. Only rates from
+        ``calm`` stretches (no transition under way) go into the history behind the wander-noise estimate."""
+        self.recent.append(log_value)
+        if len(self.recent) < self.window or (self.smoothed and step - self.smoothed[-1][0] < self.stride):
+            return None
+        smoothed = median(self.recent)
+        self.smoothed.append((step, smoothed))
+        while self.smoothed and self.smoothed[0][0] < step - (LOOKBACK + 1) * self.lag - self.plateau_steps:
+            self.smoothed.popleft()
+        earlier = next((value for at, value in reversed(self.smoothed) if at <= step - self.lag), None)
+        if earlier is None:
+            return None
+        rate = earlier - smoothed
+        if calm:
+            self._remember(rate)
+        self.rates.append((step, rate))
+        while self.rates and self.rates[0][0] < step - self.lag:
+            self.rates.popleft()
+        return rate
+
+    def calmest_band(self, step: int, not_before: int) -> float | None:
+        """The narrowest band the smoothed log-loss stayed in over ``plateau_steps``, among stretches ending between
+        ``LOOKBACK`` lags and zero before the fall's window (which starts ``lag`` before ``step``) and starting no
+        earlier than ``not_before`` (the end of the last transition); None until the series reaches back far enough."""
+        points = list(self.smoothed)
+        if not points or points[0][0] > step - self.lag - self.plateau_steps:
+            return None
+        bands = []
+        for end in range(step - self.lag, step - (LOOKBACK + 1) * self.lag - 1, -self.stride):
+            if end - self.plateau_steps < not_before:
+                break
+            inside = [value for at, value in points if end - self.plateau_steps <= at <= end]
+            if len(inside) >= 2 and points[0][0] <= end - self.plateau_steps + self.stride:
+                bands.append(max(inside) - min(inside))
+        return min(bands) if bands else None
+
+    def level(self, step: int) -> float:
+        """The smoothed log-loss ``lag`` steps before ``step`` (where a fall seen at ``step`` began)."""
+        return next(value for at, value in reversed(self.smoothed) if at <= step - self.lag)
+
+    def onset(self, step: int, rate: float, threshold: float, band_noise: float, signed: Any, not_before: int) -> bool:
+        """Whether ``rate`` at ``step`` is a fall after a plateau (see the module docstring): ``threshold`` is what
+        noise alone lets ``R`` reach, ``band_noise`` the band it lets a plateau span; the plateau must start no
+        earlier than ``not_before``."""
+        if signed(rate) <= max(self.drop, threshold):
+            return False
+        band = self.calmest_band(step, not_before)
+        return band is not None and band <= max(self.plateau, band_noise) and signed(rate) > max(self.drop, threshold, CONTRAST * band)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "recent": list(self.recent), "smoothed": [list(p) for p in self.smoothed], "rates": [list(p) for p in self.rates],
+            "history": list(self.history),
+        }
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.recent.clear()
+        self.recent.extend(state["recent"])
+        self.smoothed = deque((int(s), float(v)) for s, v in state["smoothed"])
+        self.rates = deque((int(s), float(v)) for s, v in state["rates"])
+        self.history.clear()
+        self.history.extend(state["history"])
+        self._wander = robust_std(self.history) if len(self.history) >= 2 * self.lag // self.stride else 0.0
+
+
+class LossDropDetector:
+    """Reports when a positive, dense series (a training loss) starts to fall fast after a plateau, and when the fall
+    ends (see the module docstring). ``direction="both"`` also reports fast rises after a plateau (a metric that
+    climbs, or a loss that blows up).
+
+    Args:
+        metric: the name reported in each :class:`Transition`.
+        window: steps of the running median of the log-loss (at scale 1).
+        lag: steps over which the fall is measured (at scale 1).
+        drop: the fall (log units per ``lag`` steps) that counts as fast; 0.1 is 10% per 100 steps.
+        plateau: the largest ``|R|`` a plateau may show.
+        plateau_steps: how long the plateau must last before the fall (at scale 1).
+        noise_z: how many noise units ``R`` must exceed besides ``drop``.
+        scales: the time scales k at which the rule runs.
+        direction: ``"down"`` (falls only) or ``"both"``.
+    """
+
+    def __init__(
+        self,
+        metric: str = "train_loss",
+        window: int = 50,
+        lag: int = 100,
+        drop: float = 0.1,
+        plateau: float = 0.05,
+        plateau_steps: int = 100,
+        noise_z: float = 6.0,
+        scales: Sequence[int] = (1, 2, 4),
+        direction: Literal["down", "both"] = "down",
+    ) -> None:
+        for name, value in (("window", window), ("lag", lag), ("plateau_steps", plateau_steps)):
+            check_count(name, value, 1)
+        for name, value in (("drop", drop), ("plateau", plateau), ("noise_z", noise_z)):
+            check_number(name, value)
+        if plateau >= drop:
+            raise ValueError(f"plateau ({plateau}) must be smaller than drop ({drop}): a plateau is where the loss is not falling fast.")
+        if not scales or any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in scales):
+            raise ValueError(f"scales must be positive integers, got {scales!r}.")
+        if direction not in ("down", "both"):
+            raise ValueError(f"direction must be 'down' or 'both', got {direction!r}.")
+        self.metric = metric
+        self.window, self.lag, self.plateau_steps = window, lag, plateau_steps
+        self.drop, self.plateau, self.noise_z = float(drop), float(plateau), float(noise_z)
+        self.scales = tuple(sorted(set(scales)))
+        self.direction = direction
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the series."""
+        self._last: tuple[int, float] | None = None
+        self._differences: deque[float] = deque(maxlen=NOISE_SAMPLES)
+        self._spread_cache: float | None = None
+        self._since_spread = 0
+        self._scales = [
+            _Scale(self.window * k, self.lag * k, self.plateau_steps * k, self.drop * k, self.plateau * k) for k in self.scales
+        ]
+        self._onset: dict[str, Any] | None = None
+        self._calm_since: int | None = None
+        self._not_before = -(2**62)
+
+    @property
+    def in_transition(self) -> bool:
+        """True between an onset and its end."""
+        return self._onset is not None
+
+    @property
+    def leaving_plateau(self) -> bool:
+        """True while, at the shortest scale, the loss falls at more than three quarters of the onset rate (and of its
+        noise threshold): a transition may be starting, or is under way."""
+        scale = self._scales[0]
+        return bool(scale.rates) and self._signed(scale.rates[-1][1]) > 0.75 * max(scale.drop, self._threshold(scale))
+
+    @property
+    def on_plateau(self) -> bool:
+        """True when, at the shortest scale, the loss has stayed within a plateau's band over the last plateau:
+        a change elsewhere (λ̂) is then not the loss still settling."""
+        scale = self._scales[0]
+        if self.in_transition or not scale.smoothed:
+            return False
+        latest = scale.smoothed[-1][0]
+        inside = [value for at, value in scale.smoothed if at >= latest - scale.plateau_steps]
+        covered = scale.smoothed[0][0] <= latest - scale.plateau_steps
+        return covered and max(inside) - min(inside) <= max(scale.plateau, self._band_noise(scale))
+
+    def _signed(self, rate: float) -> float:
+        return abs(rate) if self.direction == "both" else rate
+
+    def _spread(self) -> float:
+        """The per-step log-noise: the robust spread of successive log-losses (refreshed every few values)."""
+        if len(self._differences) < 10:
+            return 0.0
+        if self._spread_cache is None or self._since_spread >= REFRESH:
+            self._spread_cache, self._since_spread = robust_std(self._differences) / math.sqrt(2), 0
+        return self._spread_cache
+
+    def _threshold(self, scale: _Scale) -> float:
+        return self.noise_z * scale.noise(self._spread())
+
+    def _band_noise(self, scale: _Scale) -> float:
+        return BAND_Z * scale.noise(self._spread()) / math.sqrt(2)
+
+    def update(self, step: int, value: float) -> Transition | None:
+        """Add the loss at ``step``; return an onset or an end :class:`Transition`, or None. Non-positive or
+        non-finite values are ignored; several values at one step (gradient accumulation) count once, the first."""
+        value = float(value)
+        if not math.isfinite(value) or value <= 0 or (self._last is not None and step <= self._last[0]):
+            return None
+        log_value = math.log(value)
+        if self._last is not None:
+            self._differences.append(log_value - self._last[1])
+            self._since_spread += 1
+        self._last = (int(step), log_value)
+        rates = [scale.add(step, log_value, calm=self._onset is None) for scale in self._scales]
+        if self._onset is not None:
+            scale = self._scales[self._onset["scale"]]
+            rate = rates[self._onset["scale"]]
+            return None if rate is None else self._follow(step, scale, rate)
+        for index, (scale, rate) in enumerate(zip(self._scales, rates)):
+            if rate is not None and scale.onset(step, rate, self._threshold(scale), self._band_noise(scale), self._signed, self._not_before):
+                return self._begin(step, index, scale, rate)
+        return None
+
+    def _begin(self, step: int, index: int, scale: _Scale, rate: float) -> Transition:
+        level = scale.level(step)
+        self._onset = {"step": step, "scale": index, "level": level, "sign": 1.0 if rate > 0 else -1.0}
+        self._calm_since = None
+        noise = scale.noise(self._spread())
+        return Transition(
+            step=step,
+            metric=self.metric,
+            before=math.exp(level),
+            after=math.exp(level - rate),
+            score=rate / noise if noise > 0 else math.inf,
+            direction="down" if rate > 0 else "up",
+            reason=(
+                f"onset: {self.metric} {'fell' if rate > 0 else 'rose'} by {abs(1.0 - math.exp(-rate)):.0%} in {scale.lag} steps "
+                f"after a plateau of at least {scale.plateau_steps} steps"
+            ),
+            evidence="loss drop",
+        )
+
+    def _follow(self, step: int, scale: _Scale, rate: float) -> Transition | None:
+        assert self._onset is not None
+        if self._onset["sign"] * rate >= scale.drop / 2:
+            self._calm_since = None
+            return None
+        if self._calm_since is None:
+            self._calm_since = step
+        if step - self._calm_since < scale.lag // 2:
+            return None
+        onset, self._onset, self._calm_since = self._onset, None, None
+        self._not_before = step
+        for each in self._scales:
+            each.rates.clear()
+            each.history.clear()
+            each._wander = 0.0
+        now = scale.smoothed[-1][1]
+        change = onset["level"] - now
+        noise = scale.noise(self._spread())
+        return Transition(
+            step=step,
+            metric=self.metric,
+            before=math.exp(onset["level"]),
+            after=math.exp(now),
+            score=abs(change) / noise if noise > 0 else math.inf,
+            direction="down" if change > 0 else "up",
+            reason=f"end of the transition that began at step {onset['step']}",
+            evidence="loss drop",
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "last": list(self._last) if self._last is not None else None,
+            "differences": list(self._differences),
+            "scales": [scale.state() for scale in self._scales],
+            "onset": dict(self._onset) if self._onset is not None else None,
+            "calm_since": self._calm_since,
+            "not_before": self._not_before,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reset()
+        self._last = (int(state["last"][0]), float(state["last"][1])) if state["last"] is not None else None
+        self._differences.extend(state["differences"])
+        for scale, saved in zip(self._scales, state["scales"]):
+            scale.load(saved)
+        self._onset = dict(state["onset"]) if state["onset"] is not None else None
+        self._calm_since = state["calm_since"]
+        self._not_before = state["not_before"]

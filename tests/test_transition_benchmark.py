@@ -1,0 +1,31 @@
+"""A fast subset of the transitions benchmark (benchmarks/transitions): real recorded runs, scored by replay.
+
+The full benchmark (84 runs, tuning and held-out seeds) is a script, not a test; this checks that the pipeline
+works end to end and that the monitor's detection keeps its recall and its silence on a staged run and a control.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks" / "transitions"))
+from families import BUILDERS  # noqa: E402
+from ground_truth import episodes  # noqa: E402
+from record import record  # noqa: E402
+from score import score_run  # noqa: E402
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("family", "seed"), [("dln", 1), ("parity", 1), ("finetune", 1), ("digits", 1)])
+def test_a_recorded_run_is_scored_against_its_loss_curve(family, seed, tmp_path):
+    series = record(BUILDERS[family](seed), directory=tmp_path)
+    assert len(series["minibatch_loss"]) == series["steps"] and series["llc"]
+    score = score_run(series)
+    if family in ("dln", "parity"):
+        assert episodes(series["full_loss"]), "the staged run should have a ground-truth drop"
+        assert score.found == score.episodes and score.false == 0
+        assert max(score.latencies) <= 150
+    else:
+        assert score.reports == 0
+    assert score.impossible == 0

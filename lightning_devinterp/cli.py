@@ -17,6 +17,7 @@ from typing import Any
 
 from lightning_devinterp.detection.detector import Transition, detect_transitions
 from lightning_devinterp.sampling.config import ESTIMATE_DEFAULTS, SamplingConfig
+from lightning_devinterp.sampling.model_view import training_step_loss
 from lightning_devinterp.sampling.result import LLCEstimationError
 
 RESULT_COLUMNS = ["step", "checkpoint", "llc_mean", "llc_std", "init_loss", "acceptance", "epsilon", "healthy", "seconds"]
@@ -24,6 +25,25 @@ RESULT_COLUMNS = ["step", "checkpoint", "llc_mean", "llc_std", "init_loss", "acc
 
 class CLIError(Exception):
     """A problem with the user's input, reported as one line and a non-zero exit status."""
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (naming the option) and exit status 2, like every other error here."""
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _theirs(spec: str, function: Callable[..., Any]) -> Callable[..., Any]:
+    """``function`` (the user's, imported from ``spec``) with its exceptions reported as its own, in one line."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except Exception as error:
+            raise CLIError(f"{spec} raised {type(error).__name__}: {error}") from error
+
+    return call
 
 
 def _import(spec: str) -> Any:
@@ -35,7 +55,12 @@ def _import(spec: str) -> Any:
         sys.path.insert(0, "")
     try:
         return getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as error:
+    except ImportError as error:
+        raise CLIError(
+            f"cannot import {spec}: {error}; the module must be importable: run from the directory that holds it, or add "
+            "that directory to PYTHONPATH"
+        ) from None
+    except AttributeError as error:
         raise CLIError(f"cannot import {spec}: {error}") from None
 
 
@@ -134,7 +159,10 @@ def plot_runs(runs: dict[str, dict[str, list[tuple[int, float]]]], output: Path,
 def _plot_command(args: argparse.Namespace) -> int:
     log_dir = Path(args.logdir)
     output = Path(args.output) if args.output else log_dir / "llc.png"
-    path = plot_runs(read_runs(log_dir), output, log_x=args.log_x)
+    try:
+        path = plot_runs(read_runs(log_dir), output, log_x=args.log_x)
+    except OSError as error:
+        raise CLIError(f"cannot write {output}: {error.strerror or error}") from None
     print(f"wrote {path}")
     return 0
 
@@ -190,8 +218,12 @@ def analyze(
     done = _done_steps(csv_path)
     data = make_data()
     new_file = not csv_path.exists()
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    with csv_path.open("a", newline="") as handle:
+    try:
+        csv_path.parent.mkdir(parents=True, exist_ok=True)
+        handle = csv_path.open("a", newline="")
+    except OSError as error:
+        raise CLIError(f"cannot write {csv_path}: {error.strerror or error}") from None
+    with handle:
         writer = csv.DictWriter(handle, fieldnames=RESULT_COLUMNS)
         if new_file:
             writer.writeheader()
@@ -223,13 +255,13 @@ def _analyze_command(args: argparse.Namespace) -> int:
     module_class = _import(args.module)
     if not hasattr(module_class, "load_from_checkpoint"):
         raise CLIError(f"{args.module} has no load_from_checkpoint (expected a LightningModule class)")
-    make_data = _import(args.data)
-    loss_fn = _import(args.loss) if args.loss else None
+    make_data = _theirs(f"--data {args.data}", _import(args.data))
+    loss_fn = _theirs(f"--loss {args.loss}", _import(args.loss)) if args.loss else _theirs(f"{args.module}.training_step", training_step_loss)
     csv_path = Path(args.output) if args.output else Path(args.checkpoint_dir) / "llc.csv"
-    estimate_kwargs = {**sampling_settings(args), "seed": args.seed, "device": "cpu"}
+    estimate_kwargs = {**sampling_settings(args), "seed": args.seed, "device": args.device}
     rows, transitions = analyze(
         Path(args.checkpoint_dir),
-        lambda path: module_class.load_from_checkpoint(path, map_location="cpu"),
+        lambda path: module_class.load_from_checkpoint(path, map_location=args.device),
         make_data,
         csv_path,
         loss_fn=loss_fn,
@@ -327,7 +359,7 @@ def sampling_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="lightning-devinterp",
         description="Look at local learning coefficient estimates: plot the ones LLCMonitor logged, or estimate them "
         "for a folder of saved checkpoints.",
@@ -339,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
         "with the training loss on a twin axis and transitions as vertical lines.",
     )
     plot.add_argument("logdir", help="a TensorBoard log directory (searched recursively for runs)")
-    plot.add_argument("-o", "--output", help="PNG to write (default: LOGDIR/llc.png)")
+    plot.add_argument("-o", "--output", help="PNG to write; its folder is created (default: LOGDIR/llc.png)")
     plot.add_argument("--log-x", action="store_true", help="log-scaled step axis")
     plot.set_defaults(handler=_plot_command)
     analyze_parser = verbs.add_parser(
@@ -348,13 +380,19 @@ def build_parser() -> argparse.ArgumentParser:
         "or the checkpoint itself). Results are appended to a CSV as they come, so a rerun skips finished checkpoints. "
         "Then detect transitions over the series and write them, and a plot, next to the CSV.",
     )
-    analyze_parser.add_argument("checkpoint_dir", metavar="CKPT_DIR")
-    analyze_parser.add_argument("--module", required=True, help="the LightningModule class, as package.module:Class")
+    analyze_parser.add_argument(
+        "checkpoint_dir", metavar="CKPT_DIR", help="a folder of Lightning checkpoints (.ckpt, searched recursively), e.g. ModelCheckpoint's dirpath"
+    )
+    analyze_parser.add_argument(
+        "--module", required=True,
+        help="the LightningModule class, as package.module:Class; the module must be importable (run from its folder, or add it to PYTHONPATH)",
+    )
     analyze_parser.add_argument("--data", required=True, help="a function returning a DataLoader or Dataset, as package.module:function")
     analyze_parser.add_argument("--loss", help="loss_fn(model, batch) as package.module:function (default: training_step's loss)")
     analyze_parser.add_argument("-o", "--output", help="CSV to write (default: CKPT_DIR/llc.csv)")
     add_sampling_arguments(analyze_parser)
-    analyze_parser.add_argument("--seed", type=int, default=0)
+    analyze_parser.add_argument("--seed", type=int, default=0, help="seeds every estimate (default: 0)")
+    analyze_parser.add_argument("--device", default="cpu", help="where checkpoints are loaded and chains run, e.g. cuda (default: cpu)")
     analyze_parser.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
     analyze_parser.set_defaults(handler=_analyze_command)
     return parser

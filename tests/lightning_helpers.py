@@ -72,3 +72,18 @@ class AtMinimum(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=1e-7)
+
+
+def broken_loader() -> DataLoader:
+    """A user's data function with a bug in it."""
+    raise RuntimeError("the data folder is missing")
+
+
+def wrong_shape_loader() -> DataLoader:
+    """Data with 3 features for a model that takes 5."""
+    return DataLoader(TensorDataset(torch.randn(64, 3), torch.randn(64, 2)), batch_size=16)
+
+
+def broken_loss(model, batch):
+    """A user's loss function with a bug in it."""
+    raise KeyError("labels")

@@ -94,3 +94,63 @@ def test_help_explains_each_verb(capsys):
         assert exit_info.value.code == 0
     output = capsys.readouterr().out
     assert "TensorBoard event files" in output and "rerun skips finished checkpoints" in output
+
+
+def last_error_line(capsys):
+    lines = [line for line in capsys.readouterr().err.strip().splitlines() if "checkpoints:" not in line]
+    return lines[-1], len(lines)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--data", "lightning_helpers:broken_loader"], "--data lightning_helpers:broken_loader raised RuntimeError: the data folder is missing"),
+        (["--data", "lightning_helpers:regression_loader", "--loss", "lightning_helpers:broken_loss"], "--loss lightning_helpers:broken_loss raised KeyError"),
+        (["--data", "lightning_helpers:wrong_shape_loader"], "lightning_helpers:Regressor.training_step raised RuntimeError"),
+    ],
+)
+def test_a_bug_in_the_users_own_function_is_reported_as_theirs(trained_run, tmp_path, arguments, message, capsys):
+    code = main(["analyze", str(trained_run / "ckpt"), "--module", "lightning_helpers:Regressor", *arguments, "--no-plot", "-o", str(tmp_path / "x.csv")])
+    line, count = last_error_line(capsys)
+    assert code == 1 and count == 1 and message in line
+
+
+def test_output_places_that_cannot_be_written_are_one_line_errors(trained_run, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert main(["plot", str(trained_run / "logs"), "-o", str(blocker / "plot.png")]) == 1
+    assert "cannot write" in capsys.readouterr().err
+    assert main(["analyze", str(trained_run / "ckpt"), *ANALYZE, "--no-plot", "-o", str(blocker / "llc.csv")]) == 1
+    assert "cannot write" in capsys.readouterr().err
+
+
+def test_an_unrelated_or_damaged_csv_is_named(trained_run, tmp_path, capsys):
+    unrelated = tmp_path / "other.csv"
+    unrelated.write_text("name,value\nx,1\n")
+    assert main(["analyze", str(trained_run / "ckpt"), *ANALYZE, "--no-plot", "-o", str(unrelated)]) == 1
+    assert "columns differ" in capsys.readouterr().err
+    from lightning_devinterp.cli import RESULT_COLUMNS
+
+    damaged = tmp_path / "damaged.csv"
+    damaged.write_text(",".join(RESULT_COLUMNS) + "\nfive," + ",".join(["0"] * (len(RESULT_COLUMNS) - 1)) + "\n")
+    assert main(["analyze", str(trained_run / "ckpt"), *ANALYZE, "--no-plot", "-o", str(damaged)]) == 1
+    assert "step is not an integer" in capsys.readouterr().err
+
+
+def test_a_bad_option_value_is_one_line_naming_the_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["analyze", "x", "--module", "a:b", "--data", "c:d", "--epsilon", "abc"])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(error) == 1 and "--epsilon" in error[0]
+
+
+def test_a_module_that_cannot_be_imported_says_how_to_make_it_importable(trained_run, capsys):
+    assert main(["analyze", str(trained_run / "ckpt"), "--module", "my_project.model:Net", "--data", "lightning_helpers:regression_loader"]) == 1
+    assert "PYTHONPATH" in capsys.readouterr().err
+
+
+def test_help_describes_ckpt_dir_and_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["analyze", "--help"])
+    output = " ".join(capsys.readouterr().out.split())
+    assert "a folder of Lightning checkpoints" in output and "(default: adaptive)" in output and "--device" in output

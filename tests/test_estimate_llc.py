@@ -137,7 +137,7 @@ def test_model_and_global_rng_are_left_exactly_as_they_were():
     assert flags_before == [(m.training, [p.requires_grad for p in m.parameters(recurse=False)]) for m in model.modules()]
     assert torch.equal(model[3].weight.grad, torch.ones_like(model[3].weight))
     assert model[0].weight.grad is None
-    assert dict(model._forward_hooks) == hooks_before and calls
+    assert dict(model._forward_hooks) == hooks_before and not calls  # the hook stays, and sampling never called it
     assert torch.equal(torch.get_rng_state(), rng_before[0])
     assert np.random.get_state()[1].tolist() == rng_before[1][1].tolist()
     assert random.getstate() == rng_before[2]
@@ -186,12 +186,14 @@ def test_restricted_llc_equals_the_llc_of_the_equivalent_smaller_model():
 
 
 def test_a_diverging_chain_is_excluded_and_named():
-    """Sample 0 poisons the loss; with batch 1, n = 32 and 22 steps about half of 16 chains ever draw it."""
+    """Sample 0 poisons the chains' loss (not L(w*), computed without gradients); with batch 1, n = 32 and 22 steps
+    about half of 16 chains ever draw it."""
     poison = TensorDataset(torch.arange(32.0).unsqueeze(1))
 
     def loss_fn(model, batch):
         (index,) = batch
-        return 0.5 * (model.w**2).sum() + torch.where(index == 0, torch.inf, 0.0).sum()
+        poisoned = torch.inf if torch.is_grad_enabled() else 0.0
+        return 0.5 * (model.w**2).sum() + torch.where(index == 0, poisoned, 0.0).sum()
 
     result = estimate_llc(
         Potential(2), poison, loss_fn, batch_size=1, nbeta=10.0, gamma=1.0, epsilon=1e-2, num_chains=16, num_draws=20, num_burnin_steps=2, seed=0

@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
+import pytest
 from torch.utils.data import DataLoader
 
 from lightning_devinterp import LLCMonitor, TransitionWarning
@@ -46,6 +47,7 @@ def fit(module, monitor, steps, tmp_path):
     return recorder.losses
 
 
+@pytest.mark.slow
 def test_every_loss_drop_is_reported_and_a_converged_network_raises_no_alarm(tmp_path):
     pl.seed_everything(0)
     module = DeepLinearNetwork()

@@ -7,6 +7,7 @@ persisted state and the error policy.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -58,6 +59,14 @@ class LLCEstimateWarning(UserWarning):
     """An estimate failed and was skipped (``on_error="warn"``), or was marked unhealthy; training went on."""
 
 
+@dataclasses.dataclass(frozen=True)
+class FitHistory:
+    """What a monitor recorded during an earlier ``fit`` (kept in ``LLCMonitor.previous_fits``)."""
+
+    history: list[LLCRecord]
+    transitions: list[Transition]
+
+
 class LLCMonitor(Callback):
     """Estimate λ̂ every so often during training, log it to every logger, and flag sudden jumps.
 
@@ -100,8 +109,10 @@ class LLCMonitor(Callback):
     ``transitions/end``), optionally checkpointed (``save_checkpoint``) and passed to
     ``on_transition(trainer, pl_module, transition)``.
 
-    Faults: an estimate that raises is reported as :class:`LLCEstimateWarning` and skipped (``on_error="warn"``)
-    or re-raised (``"raise"``). Under DDP the chains are split across ranks and gathered, so every rank holds the
+    Faults: an estimate that raises is reported as :class:`LLCEstimateWarning` and skipped (``on_error="warn"``;
+    the same failure again only goes to the INFO log) or re-raised (``"raise"``). A monitor reused for a second
+    ``fit`` starts a fresh history and keeps the first in ``previous_fits``; a resume continues the saved history,
+    also one saved under another configuration (a changed schedule) if it is the only one. Under DDP the chains are split across ranks and gathered, so every rank holds the
     same history; sharded strategies (FSDP, DeepSpeed, ModelParallel) are rejected.
     """
 
@@ -143,17 +154,23 @@ class LLCMonitor(Callback):
         self.on_transition = on_transition
         self.save_checkpoint = save_checkpoint
         self.on_error = on_error
-        self.data = TrainingData(dataloader, self.config.batch_size, buffer_size)
+        self.data = TrainingData(dataloader, self.config.batch_size, buffer_size, self.config.max_samples)
         evidence = TransitionEvidence(
             None if loss_detector is False else loss_detector or LossDropDetector(),
             None if detector is False else detector or TransitionDetector(metric="llc/mean"),
         )
         self.tracker = LLCTracker(self.config, seed, evidence)
         self._losses: list[tuple[int, Any]] = []
-        self._warned_unhealthy = False
-        self._warned_budget = False
+        self.previous_fits: list[FitHistory] = []
+        self._reset_warnings()
+        self._restored = False
         self._disabled = False
         self._resolved_loss: LossFn | None = None
+
+    def _reset_warnings(self) -> None:
+        self._warned_unhealthy = False
+        self._warned_budget = False
+        self._failures_seen: set[str] = set()
 
     # ---- what the tracker holds, under the names users know ------------------------------------------------
 
@@ -220,7 +237,18 @@ class LLCMonitor(Callback):
         self._resolved_loss = resolve_loss_fn(pl_module, self.loss_fn)
         select_parameter_names(pl_module, self.config.params)
 
+    def _start_a_new_history(self) -> None:
+        """A monitor reused for another fit (not a resume) keeps the earlier fit's estimates in ``previous_fits``
+        and starts afresh: steps of two runs must not mix, nor the first run's last step silence the second's."""
+        if not self._restored and (self.tracker.history or self.tracker.transitions):
+            self.previous_fits.append(FitHistory(list(self.tracker.history), list(self.tracker.transitions)))
+            self.tracker.reset()
+            self.schedule.reset()
+            self._reset_warnings()
+        self._restored = False
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start_a_new_history()
         total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
         self.schedule.start(int(total) if math.isfinite(total) else None)
         with self.schedule.timed():
@@ -343,13 +371,10 @@ class LLCMonitor(Callback):
             result, epsilon_changed = self.tracker.sample(step, inputs, shape)
         except Exception as error:
             self.schedule.record(time.perf_counter() - started)
+            trainer.progress_bar_metrics.pop("llc", None)
             if self.on_error == "raise":
                 raise
-            rank_zero_warn(
-                f"LLCMonitor: the estimate at step {step} failed and was skipped ({type(error).__name__}: {error}). "
-                "Training continues.",
-                category=LLCEstimateWarning,
-            )
+            self._warn_once_per_failure(step, error)
             return
         record = self.tracker.record(step, result, time.perf_counter() - started, epsilon_changed)
         if previous_epsilon is None or epsilon_changed:
@@ -377,6 +402,19 @@ class LLCMonitor(Callback):
             category=LLCEstimateWarning,
         )
 
+    def _warn_once_per_failure(self, step: int, error: Exception) -> None:
+        """Warn about a failed estimate; the same failure again (say, a diverged training run) only goes to the log."""
+        reason = f"{type(error).__name__}: {error}"
+        if reason in self._failures_seen:
+            log.info("LLCMonitor: the estimate at step %d failed again (%s)", step, reason)
+            return
+        self._failures_seen.add(reason)
+        rank_zero_warn(
+            f"LLCMonitor: the estimate at step {step} failed and was skipped ({reason}). Training continues; the same failure "
+            "at later estimates is logged at INFO, not warned again.",
+            category=LLCEstimateWarning,
+        )
+
     def _warn_once_if_unhealthy(self, record: LLCRecord) -> None:
         if record.healthy or self._warned_unhealthy:
             return
@@ -390,11 +428,33 @@ class LLCMonitor(Callback):
     # ---- persistence ---------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {**self.tracker.state_dict(), "schedule": self.schedule.state_dict()}
+        return {**self.tracker.state_dict(), "schedule": self.schedule.state_dict(), "warned_unhealthy": self._warned_unhealthy}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.tracker.load_state_dict(state_dict)
         self.schedule.load_state_dict(state_dict["schedule"])
+        self._warned_unhealthy = state_dict.get("warned_unhealthy", False)
+        self._restored = True
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint saved by a monitor with another configuration (a changed schedule, say) is stored under another
+        key, which Lightning would skip with a generic warning. With exactly one such state and none of this
+        monitor's own, continue its history and say so; with several, say why none is continued."""
+        saved = checkpoint.get("callbacks", {})
+        if self.state_key in saved:
+            return
+        others = [key for key in saved if key.startswith(f"{type(self).__qualname__}{{")]
+        if len(others) == 1:
+            self.load_state_dict(copy.deepcopy(saved[others[0]]))
+            rank_zero_info(
+                f"LLCMonitor: continuing the history saved under another configuration ({others[0]}); later estimates use "
+                "this monitor's settings."
+            )
+        elif others:
+            rank_zero_warn(
+                f"LLCMonitor: the checkpoint holds {len(others)} monitor states under other configurations ({', '.join(others)}) "
+                "and none under this one; this monitor starts a fresh history."
+            )
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.data.release()

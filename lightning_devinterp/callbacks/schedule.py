@@ -74,10 +74,14 @@ class EstimateSchedule:
         self.every_n_steps = every_n_steps
         self.log_spaced = log_spaced
         self.max_overhead = max_overhead
+        self.clock = clock
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget a run's timing and plan."""
         self.total_steps: int | None = None
         self.plan: list[int] | None = None
-        self.clock = clock
-        self._clock_start = clock()
+        self._clock_start = self.clock()
         self._elapsed_before = 0.0
         self.own_seconds = 0.0
         self.first_seconds = 0.0

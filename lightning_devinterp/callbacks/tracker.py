@@ -124,6 +124,12 @@ class LLCTracker:
         self.config = config
         self.seed = seed
         self.evidence = evidence
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything learnt from a run: history, transitions, step size, chains and costs."""
+        config = self.config
+        self.evidence.reset()
         self.history: list[LLCRecord] = []
         self.transitions: list[Transition] = []
         self.last_step = -1

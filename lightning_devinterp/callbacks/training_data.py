@@ -34,9 +34,10 @@ class TrainingData:
     generator); for an iterable training set, a ring buffer of the last ``buffer_size`` training batches.
     """
 
-    def __init__(self, dataloader: DataLoader | None, batch_size: int | None, buffer_size: int) -> None:
+    def __init__(self, dataloader: DataLoader | None, batch_size: int | None, buffer_size: int, max_samples: int) -> None:
         self.dataloader = dataloader
         self.batch_size = batch_size
+        self.max_samples = max_samples
         self.buffer_size = buffer_size
         self._source: MinibatchSource | None = None
         self._buffer: deque[Any] | None = None
@@ -50,8 +51,8 @@ class TrainingData:
     def prepare(self, trainer: pl.Trainer, device: torch.device) -> None:
         """Choose the source; ``num_samples`` is then the number of training samples, or None when unknown."""
         if self.dataloader is not None:
-            self._source = MinibatchSource(self.dataloader, self.batch_size, device)
-            self.num_samples = self._source.num_samples
+            self._source = MinibatchSource(self.dataloader, self.batch_size, device, self.max_samples)
+            self.num_samples = self._source.dataset_size
             return
         loader = trainer.train_dataloader
         if not isinstance(loader, DataLoader):

@@ -109,6 +109,13 @@ class TransitionEvidence:
             return None
         return found
 
+    def reset(self) -> None:
+        """Forget both series (a new training run)."""
+        for detector in (self.loss, self.llc):
+            if detector is not None:
+                detector.reset()
+        self._episode, self._last_end, self._last_healthy = None, None, None
+
     def reset_llc(self) -> None:
         """λ̂ is no longer comparable with what came before (the step size changed): start its series over."""
         if self.llc is not None:

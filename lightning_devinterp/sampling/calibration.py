@@ -175,7 +175,7 @@ def calibrate_on_source(
     started = time.perf_counter()
     if epsilons is not None and (not len(epsilons) or any(not (math.isfinite(e) and e > 0) for e in epsilons)):
         raise ValueError(f"epsilons must be positive finite numbers, got {list(epsilons)!r}.")
-    resolved = config.resolved(num_samples=source.num_samples, epsilon=1.0)
+    resolved = config.resolved(num_samples=source.dataset_size, epsilon=1.0)
     temperatures = [float(b) for b in (nbetas if nbetas is not None else [resolved.nbeta])]
     if not temperatures or any(not (math.isfinite(b) and b > 0) for b in temperatures):
         raise ValueError(f"nbetas must be positive finite numbers, got {list(temperatures)!r}.")

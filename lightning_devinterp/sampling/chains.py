@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager as ContextManager
@@ -37,6 +38,10 @@ ACCEPTANCE_EVERY = 20
 """Draw steps between MALA acceptance checks; each costs one extra forward and backward pass (about 5% in all)."""
 
 _fallback_reasons_logged: set[str] = set()
+
+
+class LossError(ValueError):
+    """The user's loss cannot drive the chains, whatever the batching (so it is not a reason to fall back to a loop)."""
 
 
 def gathered(how: Literal["cat", "first", "all", "local"], default: Any = dataclasses.MISSING) -> Any:
@@ -82,6 +87,17 @@ def mean_init_loss(loss: FunctionalLoss, source: MinibatchSource, chunk_size: in
                 raise ValueError(f"loss_fn must return a scalar mean loss, got {shape}; reduce it with .mean().")
             total += float(value) * size
             count += size
+    if not math.isfinite(total):
+        broken = [name for name, w in {**loss.anchor, **loss.constants}.items() if not bool(torch.isfinite(w).all())]
+        if broken:
+            raise ValueError(
+                f"the loss at w* is {total / count}: the model's weights hold NaN/Inf ({', '.join(broken[:5])}); "
+                "training has diverged, so there is no minimum to measure."
+            )
+        raise ValueError(
+            f"the loss at w* is {total / count} although the model's weights are finite: the data (or the loss function) "
+            "produces NaN/Inf; check the dataset for NaN/Inf values."
+        )
     return total / count
 
 
@@ -114,6 +130,12 @@ def _grads_and_losses(chain_losses: ChainLosses, position: Params, batch: Any) -
     leaves = {name: w.detach().requires_grad_(True) for name, w in position.items()}
     with torch.enable_grad():
         values = chain_losses(leaves, batch)
+        if not values.requires_grad:
+            raise LossError(
+                "loss_fn returned a loss that does not depend on the sampled parameters: it was detached, computed under "
+                "torch.no_grad() or torch.inference_mode(), or built from .item() values. Return the loss as a tensor "
+                "computed from model(batch)."
+            )
         grads = torch.autograd.grad(values.sum(), list(leaves.values()), allow_unused=True)
     return {name: torch.zeros_like(w) if g is None else g for (name, w), g in zip(leaves.items(), grads)}, values.detach()
 
@@ -160,15 +182,17 @@ class _Sampler:
         """Minibatch gradients and losses; on the first call with ``vectorize="auto"``, fall back to a loop if vmap fails."""
         try:
             grads, values = _grads_and_losses(self.chain_losses, position, batch)
+        except LossError:
+            raise
         except Exception as error:
             if not (first and self.may_fall_back and self.vectorized):
                 raise
+            self.chain_losses, self.vectorized = _sequential(self.loss, self.num_chains), False
+            grads, values = _grads_and_losses(self.chain_losses, position, batch)
             reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             if reason not in _fallback_reasons_logged:
                 _fallback_reasons_logged.add(reason)
                 log.warning("vmap cannot batch this model's loss, chains run one after another (slower): %s", reason)
-            self.chain_losses, self.vectorized = _sequential(self.loss, self.num_chains), False
-            grads, values = _grads_and_losses(self.chain_losses, position, batch)
         if values.dim() != 1:
             raise ValueError(f"loss_fn must return a scalar mean loss, got shape {tuple(values.shape[1:])}.")
         return grads, values

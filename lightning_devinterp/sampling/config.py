@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from lightning_devinterp._checks import check_count, check_positive
+from lightning_devinterp.sampling.data import MAX_ITERABLE_SAMPLES
 from lightning_devinterp.sampling.kernels import SAMPLERS, sampler_options
 from lightning_devinterp.sampling.params import ParamSelector
 
@@ -56,6 +57,8 @@ class SamplingConfig:
         sampler_kwargs: extra settings of the sampler, e.g. {"alpha": 0.99, "delta": 0.1} for "rmsprop_sgld".
         vectorize: True runs all chains in one vmapped step, False one after another, "auto" tries vmap first.
         target_acceptance: the mean MALA acceptance that epsilon="adaptive" aims for.
+        max_samples: iterable data is read up to this many samples; if it has not ended by then, n is unknown and
+            nbeta must be given.
     """
 
     num_chains: int | None = None
@@ -71,6 +74,7 @@ class SamplingConfig:
     sampler_kwargs: dict[str, float] | None = None
     vectorize: bool | Literal["auto"] = "auto"
     target_acceptance: float = DEFAULT_TARGET_ACCEPTANCE
+    max_samples: int = MAX_ITERABLE_SAMPLES
 
     def __post_init__(self) -> None:
         for name in ("num_chains", "num_draws", "num_burnin_steps"):
@@ -78,6 +82,7 @@ class SamplingConfig:
             if value is not None:
                 check_count(name, value, 0 if name == "num_burnin_steps" else 1)
         check_count("num_steps_bw_draws", self.num_steps_bw_draws, 1)
+        check_count("max_samples", self.max_samples, 1)
         if self.epsilon not in ("adaptive", "auto"):
             check_positive("epsilon", self.epsilon)
         if not (isinstance(self.target_acceptance, (int, float)) and 0.0 < self.target_acceptance < 1.0):
@@ -106,7 +111,10 @@ class SamplingConfig:
         if self.nbeta is not None:
             return float(self.nbeta)
         if num_samples is None:
-            raise ValueError("the number of training samples n is unknown, so nbeta = n / log n cannot be derived; pass nbeta.")
+            raise ValueError(
+                "the number of training samples n is unknown (iterable data without a length, or one that did not end "
+                f"within max_samples={self.max_samples}), so nbeta = n / log n cannot be derived; pass nbeta."
+            )
         return default_nbeta(num_samples)
 
     def resolved(self, *, num_samples: int | None, epsilon: float | None = None) -> SamplingConfig:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -11,8 +12,13 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
+log = logging.getLogger(__name__)
+
 MAX_CACHED_BYTES = 1 << 30
 """Data up to this size is collated once and kept on the sampling device; larger map-style data is read per step."""
+
+MAX_ITERABLE_SAMPLES = 65536
+"""Default cap on the samples read from iterable data (which may never end): beyond it, n is unknown."""
 
 LARGE_DATA_INIT_LOSS_SAMPLES = 16384
 """For data too large to cache, L(w*) is the mean over this many evenly spaced samples (a fixed subset)."""
@@ -41,14 +47,21 @@ class MinibatchSource:
 
     Map-style data that fits in :data:`MAX_CACHED_BYTES` is collated once and indexed on the device. Larger
     map-style data is read item by item each step, and its L(w*) uses a fixed evenly spaced subset of
-    :data:`LARGE_DATA_INIT_LOSS_SAMPLES` samples. An iterable-style DataLoader is read once, up to
-    :data:`MAX_CACHED_BYTES`, and n is the number of samples read.
+    :data:`LARGE_DATA_INIT_LOSS_SAMPLES` samples. An iterable-style DataLoader is read once, up to ``max_samples``
+    samples or :data:`MAX_CACHED_BYTES`: if it ends first, n is the number of samples read; if not (a stream that
+    may never end), the chains use what was read and ``dataset_size`` is None (n unknown: pass nbeta).
     """
 
-    def __init__(self, data: DataLoader | Dataset, batch_size: int | None, device: torch.device) -> None:
+    def __init__(
+        self, data: DataLoader | Dataset, batch_size: int | None, device: torch.device, max_samples: int = MAX_ITERABLE_SAMPLES
+    ) -> None:
         self.device = device
+        self.max_samples = max_samples
         if isinstance(data, DataLoader):
             dataset, collate_fn = data.dataset, data.collate_fn
+            if batch_size is None and data.batch_size is None:
+                how = "its dataset yields ready-made batches" if isinstance(data.dataset, IterableDataset) else "it uses a batch_sampler"
+                raise ValueError(f"the DataLoader has batch_size=None ({how}), so the size of a chain's minibatch is unknown; pass batch_size=...")
             batch_size = batch_size or data.batch_size
         elif isinstance(data, Dataset):
             if batch_size is None:
@@ -56,16 +69,15 @@ class MinibatchSource:
             dataset, collate_fn = data, default_collate
         else:
             raise TypeError(f"data must be a torch DataLoader or a map-style Dataset, got {type(data).__name__}.")
-        if batch_size is None:
-            raise ValueError("the DataLoader has no batch_size (it uses a batch_sampler); pass batch_size=...")
         self.batch_size = int(batch_size)
         self._collate: Callable[[list], Any] = collate_fn
         self._dataset = dataset
         self._cache: Any = None
+        self.dataset_size: int | None
         if isinstance(dataset, IterableDataset):
             self._cache = self._read_iterable(data)
         else:
-            self.num_samples = len(dataset)  # type: ignore[arg-type]
+            self.num_samples = self.dataset_size = len(dataset)  # type: ignore[arg-type]
             if self.num_samples == 0:
                 raise ValueError("the dataset is empty.")
             if isinstance(dataset, TensorDataset) and collate_fn is default_collate:
@@ -82,20 +94,28 @@ class MinibatchSource:
     def _read_iterable(self, loader: Any) -> Any:
         if not isinstance(loader, DataLoader):
             raise TypeError("an IterableDataset must be passed inside a DataLoader.")
-        batches, total_bytes = [], 0
+        batches, total_bytes, total_samples, ended = [], 0, 0, True
         for batch in loader:
+            if total_samples >= self.max_samples or total_bytes >= MAX_CACHED_BYTES:
+                ended = False
+                break
             _check_tensor_leaves(batch)
             batches.append(batch)
             total_bytes += _nbytes(batch)
-            if total_bytes >= MAX_CACHED_BYTES:
-                break
+            total_samples += tree_flatten(batch)[0][0].shape[0]
         if not batches:
             raise ValueError("the dataset is empty.")
         flat = [tree_flatten(b) for b in batches]
         spec = flat[0][1]
         columns = zip(*(leaves for leaves, _ in flat))
-        merged = [torch.cat(column) for column in columns]
+        merged = [torch.cat(column)[: self.max_samples] for column in columns]
         self.num_samples = merged[0].shape[0]
+        self.dataset_size = self.num_samples if ended else None
+        if not ended:
+            log.warning(
+                "the iterable dataset did not end within max_samples=%d samples (or %d MiB); the chains use those, and "
+                "n, the dataset's size, is unknown (nbeta must be given).", self.max_samples, MAX_CACHED_BYTES >> 20,
+            )
         return tree_unflatten(merged, spec)
 
     def _gather(self, indices: Tensor) -> Any:

@@ -70,6 +70,6 @@ def estimate_llc(
         if calibration.best is None:
             raise LLCEstimationError(calibration.message)
         return dataclasses.replace(results[(calibration.best.epsilon, calibration.best.nbeta)], calibration=calibration)
-    resolved = config.resolved(num_samples=source.num_samples)
+    resolved = config.resolved(num_samples=source.dataset_size)
     run = run_chains(model, loss_fn, source, resolved, num_chains=resolved.num_chains, seed=seed, observables=observables)
     return summarize_chains(run, resolved)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_devinterp._checks import is_integer
 from lightning_devinterp._rng import preserved_rng_states
 from lightning_devinterp.sampling.config import SamplingConfig
 from lightning_devinterp.sampling.data import MinibatchSource
@@ -27,9 +28,11 @@ def prepare_estimate(
     """Check the model, resolve the loss and the seed, and read the data: what every public entry point needs first."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    if seed is not None and not is_integer(seed):
+        raise ValueError(f"seed must be an integer or None, got {seed!r}.")
     loss_fn = resolve_loss_fn(model, loss_fn)
     select_parameter_names(model, config.params)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     with preserved_rng_states():
-        source = MinibatchSource(data, config.batch_size, device)
+        source = MinibatchSource(data, config.batch_size, device, config.max_samples)
     return loss_fn, source, secrets.randbits(63) if seed is None else int(seed)

@@ -2,12 +2,14 @@
 
 The model is called through :func:`torch.func.functional_call` with detached copies of its parameters and
 buffers, so its own tensors, ``.grad`` and ``requires_grad`` flags are never written. The only temporary
-changes are the train/eval flags and, for a LightningModule, silenced ``self.log`` calls; both are undone on exit.
+changes are the train/eval flags, the user's hooks (set aside: sampling must not call them) and, for a
+LightningModule, silenced ``self.log`` calls; all are undone on exit.
 Lightning is not imported here: a LightningModule is recognised by its ``training_step`` and ``log`` methods.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -15,6 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 
@@ -28,7 +32,12 @@ def training_step_loss(module: nn.Module, batch: Any) -> Tensor:
     """The loss of ``module.training_step(batch, 0)``: the returned tensor, or the ``"loss"`` entry of a dict."""
     output = module.training_step(batch, 0)
     if isinstance(output, dict):
-        output = output.get("loss")
+        if "loss" not in output:
+            raise TypeError(
+                f"{type(module).__name__}.training_step returned a dict without a 'loss' entry (keys: {', '.join(map(str, output)) or 'none'}); "
+                "the default loss needs one. Pass loss_fn=lambda model, batch: ... instead."
+            )
+        output = output["loss"]
     if not isinstance(output, Tensor):
         raise TypeError(
             f"{type(module).__name__}.training_step returned {type(output).__name__}; the default loss needs a Tensor or a "
@@ -85,9 +94,37 @@ def _evaluation_replacements(model: nn.Module) -> dict[str, Any]:
     return replacements
 
 
+HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+"""The per-module hook registries that sampling sets aside."""
+
+MODEL_HOOKS = (WeightNorm, SpectralNorm)
+"""Hooks that are part of a module's arithmetic (old-style weight and spectral norm recompute the weight in a
+forward pre-hook), so sampling keeps them."""
+
+
+@contextmanager
+def without_user_hooks(model: nn.Module) -> Iterator[None]:
+    """Set aside the forward, forward-pre and backward hooks of every submodule (except :data:`MODEL_HOOKS`), and put
+    the very same registries back on exit: sampling must not feed activation caches or statistics, nor trip on
+    hooks that keep tensors (which vmap cannot let escape)."""
+    saved = []
+    for module in model.modules():
+        for name in HOOK_DICTS:
+            hooks = getattr(module, name, None)
+            if hooks:
+                saved.append((module, name, hooks))
+                module.__dict__[name] = OrderedDict((key, hook) for key, hook in hooks.items() if isinstance(hook, MODEL_HOOKS))
+    try:
+        yield
+    finally:
+        for module, name, hooks in saved:
+            module.__dict__[name] = hooks
+
+
 @contextmanager
 def quiet_evaluation(model: nn.Module) -> Iterator[None]:
-    """Eval mode for every submodule and, for a LightningModule, no-op ``log``/``log_dict``; all restored on exit.
+    """Eval mode for every submodule, the user's hooks set aside and, for a LightningModule, no-op ``log``/
+    ``log_dict``; all restored on exit.
 
     Eval mode makes the loss deterministic (no dropout) and keeps BatchNorm on its running statistics, as L(w*)
     requires; silencing ``log`` keeps a training_step used as loss from writing into a live Trainer's metrics.
@@ -95,7 +132,7 @@ def quiet_evaluation(model: nn.Module) -> Iterator[None]:
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
-        with _instance_attributes(model, _evaluation_replacements(model)):
+        with _instance_attributes(model, _evaluation_replacements(model)), without_user_hooks(model):
             yield
     finally:
         for module, training in modes:
@@ -118,7 +155,7 @@ class FunctionalLoss:
     """``loss(sampled, batch)``: the mean minibatch loss with the sampled parameters swapped in.
 
     Parameters that are not sampled and all buffers are detached copies taken at construction (w*), passed as
-    constants, so in-place buffer updates inside the forward never reach the model.
+    ``constants``, so in-place buffer updates inside the forward never reach the model.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, sampled_names: list[str], device: torch.device) -> None:
@@ -126,10 +163,9 @@ class FunctionalLoss:
         sampled = set(sampled_names)
         tensors = dict(model.named_parameters())
         self.anchor = {name: tensors[name].detach().to(device, copy=True) for name in sampled_names}
-        self._constants = {f"model.{name}": t.detach().to(device, copy=True) for name, t in tensors.items() if name not in sampled}
-        self._constants.update({f"model.{name}": b.detach().to(device, copy=True) for name, b in model.named_buffers()})
+        self.constants = {name: t.detach().to(device, copy=True) for name, t in tensors.items() if name not in sampled}
+        self.constants.update({name: b.detach().to(device, copy=True) for name, b in model.named_buffers()})
 
     def __call__(self, sampled: dict[str, Tensor], batch: Any) -> Tensor:
-        tensors = {f"model.{name}": w for name, w in sampled.items()}
-        tensors.update(self._constants)
+        tensors = {f"model.{name}": w for name, w in {**sampled, **self.constants}.items()}
         return functional_call(self._module, tensors, (batch,))

@@ -1,45 +1,113 @@
-"""Speed of estimate_llc against plain training and devinterp, as ratios within one run (not a test).
+"""Speed and memory of estimate_llc against plain training and devinterp, as ratios within one run (not a test).
 
-Work: a 20-64-64-1 ReLU MLP, 1000 samples, batch 64, 4 chains x 200 SGLD steps (no burn-in, so 800 chain steps),
-on one CPU thread. Compared with 800 plain SGD steps on batches of 64 (forward, backward, step), the sequential
-fallback of the same estimate, devinterp's ``llc()`` on the same work when devinterp is installed, and the cost
-of ``calibrate`` over its default epsilon grid (with 50 burn-in steps, so that chains can level off).
-Every timed call is run once beforehand, so first-call costs (vmap tracing set-up, allocator) are reported
-separately and not mixed into the steady-state figures.
+Models (``--model``): ``small`` (a 20-64-64-1 ReLU MLP, 1000 samples, batch 64: the CPU figures of the README),
+``mlp`` (784-512-512-10, batch 256, 0.67M parameters), ``cnn`` (3 conv + 2 linear layers on 32x32x3, batch 128,
+2.2M parameters) and ``gpt`` (4 layers, width 256, 4 heads, causal ``scaled_dot_product_attention``, batch 64 x 64
+tokens, 3.4M parameters). For each chain count, ``--draws`` draws without burn-in at a fixed step:
 
-    python benchmarks/bench_llc.py [--device cuda] [--chains 4 8 32] [--repeats 3]
+- vmap and sequential: ``estimate_llc`` with ``vectorize=True`` / ``False`` (best of ``--repeats`` after a first
+  call, whose cost is reported separately);
+- training: the same number of chain steps as plain training steps (forward, backward, SGD) on one chain's batch;
+- devinterp: ``devinterp.slt.llc.llc`` on the same work, when devinterp is installed;
+- compiled: ``compile=True`` (first call separately);
+- grouped: the same estimate with two ``param_groups`` (three times the chains, in one pass), against the plain one;
+- peak memory beyond the model and data (CUDA: the allocator's peak; CPU: the process's peak resident memory over
+  its resident memory just before, each in a fresh process; Linux), beside the bound 4 x chains x parameters x 4
+  bytes (activations come on top).
+
+    python benchmarks/bench_llc.py [--model small|mlp|cnn|gpt] [--device cuda] [--chains 8 32] [--draws 100]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import resource
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
-from lightning_devinterp import calibrate, estimate_llc
+from lightning_devinterp import estimate_llc
 
-NUM_SAMPLES, BATCH_SIZE, NUM_STEPS = 1000, 64, 200
+MODELS = ("small", "mlp", "cnn", "gpt")
 
 
-def make_problem(device: torch.device) -> tuple[nn.Module, TensorDataset]:
+class Block(nn.Module):
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.out = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, width = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        x = x + self.out(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(batch, length, width))
+        return x + self.mlp(self.norm2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab: int = 512, length: int = 64, width: int = 256, heads: int = 4, layers: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.position = nn.Parameter(0.02 * torch.randn(length, width))
+        self.blocks = nn.ModuleList(Block(width, heads) for _ in range(layers))
+        self.unembed = nn.Linear(width, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens) + self.position[: tokens.shape[1]]
+        for block in self.blocks:
+            x = block(x)
+        return self.unembed(x)
+
+
+def problem(name: str, device: torch.device) -> tuple[nn.Module, TensorDataset, Callable, int, dict[str, str]]:
+    """The model, its data (on ``device``), its loss, the batch size and two parameter groups."""
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(NUM_SAMPLES, 20, generator=generator)
-    y = torch.sin(x[:, :1]) + 0.1 * torch.randn(NUM_SAMPLES, 1, generator=generator)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1)).to(device)
-    return model, TensorDataset(x.to(device), y.to(device))
+    if name == "small":
+        x = torch.randn(1000, 20, generator=generator)
+        data = TensorDataset(x, torch.sin(x[:, :1]) + 0.1 * torch.randn(1000, 1, generator=generator))
+        model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+        loss, batch, groups = _regression, 64, {"first": "0", "rest": ["2", "4"]}
+    elif name == "mlp":
+        data = TensorDataset(torch.randn(8192, 784, generator=generator), torch.randint(10, (8192,), generator=generator))
+        model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+        loss, batch, groups = _classification, 256, {"first": "0", "rest": ["2", "4"]}
+    elif name == "cnn":
+        data = TensorDataset(torch.randn(4096, 3, 32, 32, generator=generator), torch.randint(10, (4096,), generator=generator))
+        model = nn.Sequential(
+            nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(128 * 16, 256), nn.ReLU(), nn.Linear(256, 10),
+        )
+        loss, batch, groups = _classification, 128, {"convolutions": ["0", "3", "6"], "head": ["10", "12"]}
+    else:
+        tokens = torch.randint(512, (2048, 65), generator=generator)
+        data = TensorDataset(tokens[:, :-1], tokens[:, 1:])
+        model = GPT()
+        loss, batch, groups = _classification, 64, {"attention": ["blocks.*.qkv", "blocks.*.out"], "mlp": "blocks.*.mlp"}
+    return model.to(device), TensorDataset(*(t.to(device) for t in data.tensors)), loss, batch, groups
 
 
-def mse(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def _regression(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     x, y = batch
     return 0.5 * ((model(x) - y) ** 2).sum(-1).mean()
 
 
-def best_time(fn: Callable[[], object], repeats: int, device: torch.device) -> tuple[float, float]:
+def _classification(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    x, y = batch
+    logits = model(x)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> tuple[float, float]:
     """(first call, best of ``repeats`` later calls), in seconds."""
     times = []
     for _ in range(repeats + 1):
@@ -53,75 +121,88 @@ def best_time(fn: Callable[[], object], repeats: int, device: torch.device) -> t
     return times[0], min(times[1:])
 
 
-def train_steps(model: nn.Module, data: TensorDataset, num_steps: int) -> None:
-    x, y = data.tensors
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    generator = torch.Generator(device=x.device).manual_seed(0)
-    for _ in range(num_steps):
-        index = torch.randint(NUM_SAMPLES, (BATCH_SIZE,), generator=generator, device=x.device)
-        loss = mse(model, (x[index], y[index]))
+def train_steps(model: nn.Module, data: TensorDataset, loss: Callable, batch: int, steps: int) -> None:
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-6)
+    generator = torch.Generator(device=data.tensors[0].device).manual_seed(0)
+    for _ in range(steps):
+        index = torch.randint(len(data), (batch,), generator=generator, device=data.tensors[0].device)
+        value = loss(model, tuple(t[index] for t in data.tensors))
         optimizer.zero_grad()
-        loss.backward()
+        value.backward()
         optimizer.step()
 
 
-def devinterp_llc(model: nn.Module, data: TensorDataset, num_chains: int) -> Callable[[], object] | None:
-    """devinterp 2.0.1's ``llc()`` on the same work, or None when devinterp is not installed."""
+def devinterp_llc(model: nn.Module, data: TensorDataset, loss: Callable, batch: int, chains: int, draws: int) -> Callable[[], object] | None:
+    """devinterp 2.0's ``llc()`` on the same work, or None when it is not installed."""
     try:
-        from datasets import Dataset as HFDataset
         from devinterp.slt.llc import llc
+        from torch.utils.data import DataLoader
     except ImportError:
         return None
-    x, y = (t.cpu() for t in data.tensors)
-    rows = HFDataset.from_dict({"input_ids": torch.cat([x, y], dim=1).tolist()}).with_format("torch")
-
-    def per_sample_loss(network: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-        """devinterp wants a "per-token" loss of shape (batch, columns - 1); each sample's loss fills its row."""
-        inputs, targets = input_ids[:, :20].float(), input_ids[:, 20:].float()
-        loss = 0.5 * ((network(inputs) - targets) ** 2).sum(-1, keepdim=True)
-        return loss.expand(-1, input_ids.shape[1] - 1)
+    loader = DataLoader(data, batch_size=batch, shuffle=True)
 
     def run() -> object:
-        return llc(
-            model, rows, {}, lr=1e-4, n_beta=NUM_SAMPLES / 6.9, loss_fn=per_sample_loss, num_chains=num_chains,
-            num_draws=NUM_STEPS, batch_size=BATCH_SIZE, localization=100.0, device=str(next(model.parameters()).device),
-        )
+        return llc(model, loader, {}, lr=1e-6, n_beta=len(data) / 6.9, loss_fn=lambda m, b: loss(m, b), num_chains=chains, num_draws=draws,
+                   localization=100.0, device=str(next(model.parameters()).device))
 
     return run
 
 
+def peak_memory(model_name: str, device: str, chains: int, draws: int, vectorize: bool) -> float:
+    """Peak memory of one estimate beyond the model and data, in bytes, measured in a fresh process."""
+    code = (
+        "import sys, json, resource, torch; sys.argv=['x']; sys.path.insert(0, %r)\n"
+        "from bench_llc import problem; from lightning_devinterp import estimate_llc\n"
+        "device = torch.device(%r); model, data, loss, batch, _ = problem(%r, device)\n"
+        "estimate_llc(model, data, loss, batch_size=batch, num_chains=2, num_draws=2, num_burnin_steps=0, epsilon=1e-6, seed=0, vectorize=%r)\n"
+        "if device.type == 'cuda': torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()\n"
+        "else: import os; base = int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')\n"
+        "estimate_llc(model, data, loss, batch_size=batch, num_chains=%d, num_draws=%d, num_burnin_steps=0, epsilon=1e-6, seed=0, vectorize=%r)\n"
+        "peak = torch.cuda.max_memory_allocated() if device.type == 'cuda' else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
+        "print(json.dumps(peak - base))\n"
+    ) % (sys.path[0], device, model_name, vectorize, chains, draws, vectorize)
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return float(json.loads(output.strip().splitlines()[-1]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="small", choices=MODELS)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--chains", type=int, nargs="+", default=[4])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--draws", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled step (its first call compiles)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    model, data = make_problem(device)
-    print(f"device={device} threads={torch.get_num_threads()} torch={torch.__version__}")
-    for num_chains in args.chains:
-        common = dict(batch_size=BATCH_SIZE, num_chains=num_chains, num_draws=NUM_STEPS, num_burnin_steps=0, seed=0)
-        first_vmap, vmap_time = best_time(lambda: estimate_llc(model, data, mse, vectorize=True, **common), args.repeats, device)
-        _, sequential_time = best_time(lambda: estimate_llc(model, data, mse, vectorize=False, **common), args.repeats, device)
-        _, train_time = best_time(lambda: train_steps(make_problem(device)[0], data, num_chains * NUM_STEPS), args.repeats, device)
-        print(f"\n{num_chains} chains x {NUM_STEPS} steps ({num_chains * NUM_STEPS} chain steps)")
-        print(f"  estimate_llc (vmap)        {vmap_time * 1e3:8.1f} ms   (first call {first_vmap * 1e3:.0f} ms)")
-        print(f"  estimate_llc (sequential)  {sequential_time * 1e3:8.1f} ms")
-        print(f"  {num_chains * NUM_STEPS} SGD training steps    {train_time * 1e3:8.1f} ms")
-        print(f"  vmap / training            {vmap_time / train_time:8.2f} x   (target <= 1.0)")
-        print(f"  sequential / vmap          {sequential_time / vmap_time:8.2f} x")
-        reference = devinterp_llc(model, data, num_chains)
+    model, data, loss, batch, groups = problem(args.model, device)
+    parameters = sum(p.numel() for p in model.parameters())
+    print(f"model={args.model} ({parameters / 1e6:.2f}M parameters, batch {batch}) device={device} torch={torch.__version__} threads={torch.get_num_threads()}")
+    if device.type == "cuda":
+        print(f"GPU: {torch.cuda.get_device_name(device)}")
+    for chains in args.chains:
+        common = dict(batch_size=batch, num_chains=chains, num_draws=args.draws, num_burnin_steps=0, epsilon=1e-6, seed=0)
+        first, vmapped = timed(lambda: estimate_llc(model, data, loss, vectorize=True, **common), args.repeats, device)
+        _, looped = timed(lambda: estimate_llc(model, data, loss, vectorize=False, **common), args.repeats, device)
+        _, training = timed(lambda: train_steps(model, data, loss, batch, chains * args.draws), args.repeats, device)
+        _, grouped = timed(lambda: estimate_llc(model, data, loss, vectorize=True, param_groups=groups, **common), args.repeats, device)
+        print(f"\n{chains} chains x {args.draws} draws ({chains * args.draws} chain steps)")
+        print(f"  vmap                       {vmapped:8.3f} s   (first call {first:.3f} s)")
+        print(f"  sequential                 {looped:8.3f} s   vmap is {looped / vmapped:.2f}x faster")
+        print(f"  as many training steps     {training:8.3f} s   vmap step costs {vmapped / training:.2f}x a training step")
+        print(f"  two param_groups (3x the chains, one pass) {grouped:8.3f} s = {grouped / vmapped:.2f}x the plain estimate")
+        if not args.no_compile:
+            compile_first, compiled = timed(lambda: estimate_llc(model, data, loss, vectorize=True, compile=True, **common), args.repeats, device)
+            print(f"  compiled                   {compiled:8.3f} s   (first call, compiling: {compile_first:.1f} s) = {compiled / vmapped:.2f}x vmap")
+        reference = devinterp_llc(model, data, loss, batch, chains, args.draws)
         if reference is not None:
-            _, devinterp_time = best_time(reference, 1, device)
-            print(f"  devinterp llc()            {devinterp_time * 1e3:8.1f} ms")
-            print(f"  devinterp / vmap           {devinterp_time / vmap_time:8.2f} x   (target >= 5)")
-        started = time.perf_counter()
-        calibration = calibrate(model, data, mse, **{k: v for k, v in common.items() if k != "num_burnin_steps"}, num_burnin_steps=50)
-        seconds = time.perf_counter() - started
-        tried = sum(row["ran"] for row in calibration.table)
-        print(f"  calibrate (default grid)   {seconds * 1e3:8.1f} ms   ({tried} estimates; {calibration.message[:60]}...)")
+            _, devinterp = timed(reference, 1, device)
+            print(f"  devinterp llc()            {devinterp:8.3f} s   vmap is {devinterp / vmapped:.1f}x faster")
+        bound = 4 * chains * parameters * 4
+        memory = peak_memory(args.model, args.device, chains, args.draws, True)
+        print(f"  peak memory (vmap)         {memory / 2**20:8.1f} MiB  (bound 4 x chains x parameters x 4 B = {bound / 2**20:.1f} MiB, plus activations)")
 
 
 if __name__ == "__main__":

@@ -181,13 +181,18 @@ def _checkpoint_step(path: Path) -> int:
         raise CLIError(f"cannot read the step of {path}: {error}") from None
 
 
-def _done_steps(csv_path: Path) -> set[int]:
+def result_columns(groups: Sequence[str]) -> list[str]:
+    """The CSV's columns: :data:`RESULT_COLUMNS`, then the mean and std of each group's λ̂."""
+    return RESULT_COLUMNS + [f"{group}_{field}" for group in groups for field in ("llc_mean", "llc_std")]
+
+
+def _done_steps(csv_path: Path, columns: list[str]) -> set[int]:
     """Steps already in ``csv_path`` (a previous run of analyze), so that a rerun skips them."""
     if not csv_path.exists():
         return set()
     with csv_path.open() as handle:
         reader = csv.DictReader(handle)
-        if reader.fieldnames != RESULT_COLUMNS:
+        if reader.fieldnames != columns:
             raise CLIError(f"{csv_path} exists but was not written by this version of analyze (its columns differ); choose another -o")
         try:
             return {int(row["step"]) for row in reader}
@@ -215,7 +220,8 @@ def analyze(
     checkpoints = sorted(((_checkpoint_step(path), path) for path in checkpoint_dir.rglob("*.ckpt")), key=lambda item: item[0])
     if not checkpoints:
         raise CLIError(f"no .ckpt files under {checkpoint_dir}")
-    done = _done_steps(csv_path)
+    columns = result_columns(list(estimate_kwargs.get("param_groups") or {}))
+    done = _done_steps(csv_path, columns)
     data = make_data()
     new_file = not csv_path.exists()
     try:
@@ -224,7 +230,7 @@ def analyze(
     except OSError as error:
         raise CLIError(f"cannot write {csv_path}: {error.strerror or error}") from None
     with handle:
-        writer = csv.DictWriter(handle, fieldnames=RESULT_COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=columns)
         if new_file:
             writer.writeheader()
         todo = [(step, path) for step, path in checkpoints if step not in done]
@@ -242,6 +248,7 @@ def analyze(
                     "step": step, "checkpoint": str(path), "llc_mean": result.llc_mean, "llc_std": result.llc_std,
                     "init_loss": result.init_loss, "acceptance": result.acceptance_mean, "epsilon": result.epsilon, "healthy": result.healthy,
                     "seconds": round(time.perf_counter() - started, 3),
+                    **{f"{name}_{field}": getattr(group, field) for name, group in result.groups.items() for field in ("llc_mean", "llc_std")},
                 }
             )
             handle.flush()
@@ -338,6 +345,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
         described = f"{helps.get(field.name, '')} (default: {default})"
         if field.name == "params":
             parser.add_argument(option, nargs="+", default=None, help=described)
+        elif field.name == "param_groups":
+            parser.add_argument(option, nargs="+", default=None, metavar="NAME=PATTERN[,PATTERN]", help=described)
         elif field.name == "sampler_kwargs":
             parser.add_argument(option, nargs="+", default=None, metavar="KEY=VALUE", help=described)
         else:
@@ -347,6 +356,11 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 def sampling_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The sampling settings given on the command line, as keyword arguments for SamplingConfig."""
     settings = {field.name: getattr(args, field.name) for field in dataclasses.fields(SamplingConfig)}
+    if settings["param_groups"] is not None:
+        groups = [item.partition("=") for item in settings["param_groups"]]
+        if any(not sep or not name or not patterns for name, sep, patterns in groups):
+            raise CLIError("--param-groups takes NAME=PATTERN[,PATTERN] items, e.g. attn=blocks.*.attn mlp=blocks.*.mlp")
+        settings["param_groups"] = {name: patterns.split(",") for name, _, patterns in groups}
     if settings["sampler_kwargs"] is not None:
         pairs = [item.partition("=") for item in settings["sampler_kwargs"]]
         if any(not sep for _, sep, _ in pairs):

@@ -5,6 +5,7 @@ import os
 import sys
 
 import lightning.pytorch as pl
+import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from lightning_devinterp import LLCMonitor, TransitionMonitor  # noqa: E402
@@ -30,3 +31,5 @@ if __name__ == "__main__":
     }
     with open(os.path.join(out_dir, f"rank{trainer.global_rank}.json"), "w") as handle:
         json.dump(record, handle)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # an orderly end for gloo's threads, rather than at interpreter exit

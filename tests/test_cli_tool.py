@@ -154,3 +154,11 @@ def test_help_describes_ckpt_dir_and_shows_defaults(capsys):
         main(["analyze", "--help"])
     output = " ".join(capsys.readouterr().out.split())
     assert "a folder of Lightning checkpoints" in output and "(default: adaptive)" in output and "--device" in output
+
+
+def test_analyze_writes_one_column_pair_per_group(trained_run, tmp_path):
+    table = tmp_path / "groups.csv"
+    assert main(["analyze", str(trained_run / "ckpt"), *ANALYZE, "--no-plot", "-o", str(table), "--param-groups", "first=net.0", "last=net.3.weight,net.3.bias"]) == 0
+    with table.open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 3 and all(float(row["first_llc_mean"]) == float(row["first_llc_mean"]) and row["last_llc_std"] for row in rows)

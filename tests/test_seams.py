@@ -99,11 +99,16 @@ class ThreadCollective:
         return self._exchange(obj)[src]
 
 
-def chain_run(rank, count):
+def chain_run(rank, count, groups=2):
+    """A run of ``count`` chains per group on ``rank``; per-chain values are [groups, chains, ...]."""
     return ChainRun(
-        observations={"loss": torch.full((count, 4), float(rank)), "extra": torch.full((count, 4, 2), 10.0 + rank)},
-        failed_at=torch.full((count,), -1, dtype=torch.long),
-        acceptance=torch.full((count,), 0.5 + rank / 10, dtype=torch.float64),
+        observations={
+            "loss": torch.full((groups, count, 4), float(rank)) + torch.arange(groups).reshape(-1, 1, 1) * 100,
+            "extra": torch.full((groups, count, 4, 2), 10.0 + rank),
+        },
+        failed_at=torch.full((groups, count), -1, dtype=torch.long),
+        acceptance=torch.full((groups, count), 0.5 + rank / 10, dtype=torch.float64),
+        groups=("all", "head")[:groups],
         init_loss=1.0 + rank,
         nbeta=50.0,
         epsilon=1e-4,
@@ -133,9 +138,9 @@ def test_gather_combines_each_field_by_its_declared_rule():
     counts = [2, 1]
     results = run_ranks([chain_run(0, 2), chain_run(1, 1)], counts)
     for gathered in results:
-        assert gathered.observations["loss"][:, 0].tolist() == [0.0, 0.0, 1.0]  # "cat", in rank order
-        assert gathered.observations["extra"].shape == (3, 4, 2)
-        assert gathered.acceptance.tolist() == pytest.approx([0.5, 0.5, 0.6])
+        assert gathered.observations["loss"][:, :, 0].tolist() == [[0.0, 0.0, 1.0], [100.0, 100.0, 101.0]]  # "cat", in rank order, per group
+        assert gathered.observations["extra"].shape == (2, 3, 4, 2)
+        assert gathered.acceptance[0].tolist() == pytest.approx([0.5, 0.5, 0.6])
         assert gathered.failed_at.dtype == torch.long
         assert (gathered.init_loss, gathered.seed) == (1.0, 7)  # "first": rank zero's, exactly
         assert gathered.vectorized is False  # "all": false if any rank fell back

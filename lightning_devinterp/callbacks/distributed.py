@@ -38,11 +38,12 @@ def derive_seed(seed: int, step: int, rank: int) -> int:
 
 
 def _gather_rows(strategy: Collective, rows: Tensor, counts: list[int]) -> Tensor:
-    """Per-chain rows of every rank, concatenated in rank order (padded to the same shape for the collective)."""
-    padded = torch.zeros((max(counts), *rows.shape[1:]), dtype=rows.dtype)
-    padded[: rows.shape[0]] = rows
+    """Per-chain values ``[groups, chains, ...]`` of every rank, concatenated along the chain axis in rank order
+    (padded to the same shape for the collective)."""
+    padded = torch.zeros((rows.shape[0], max(counts), *rows.shape[2:]), dtype=rows.dtype)
+    padded[:, : rows.shape[1]] = rows
     gathered = strategy.all_gather(padded.to(strategy.root_device)).cpu()
-    return torch.cat([gathered[rank, :count] for rank, count in enumerate(counts)])
+    return torch.cat([gathered[rank, :, :count] for rank, count in enumerate(counts)], dim=1)
 
 
 def _gather_value(strategy: Collective, value: Any) -> Tensor:

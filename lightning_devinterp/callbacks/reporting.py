@@ -24,6 +24,7 @@ TENSORBOARD_LAYOUT = {
     "devinterp": {
         "LLC (mean ± std over chains)": ["Margin", ["llc/mean", "llc/lower", "llc/upper"]],
         "LLC, transitions marked": ["Multiline", [r"^llc/mean$", r"^llc/transitions$"]],
+        "LLC by component (param_groups)": ["Multiline", [r"^llc/mean$", r"^llc/[^/]+/mean$"]],
         "Training loss": ["Multiline", [r"^(train[_/-]?)?loss(_step|_epoch)?$"]],
         "LLC health (1 = healthy)": ["Multiline", [r"^llc/healthy$"]],
         "Transitions (onsets and ends, score)": ["Multiline", [r"^transitions/.*"]],
@@ -84,7 +85,8 @@ def report_epsilon(trainer: pl.Trainer, record: LLCRecord, previous: float | Non
 
 
 def report_estimate(trainer: pl.Trainer, record: LLCRecord) -> None:
-    """``llc/*`` scalars to every logger at the estimate's step. A healthy estimate also goes into
+    """``llc/*`` scalars to every logger at the estimate's step (with ``param_groups``, ``llc/<group>/mean`` and
+    ``llc/<group>/std`` too). A healthy estimate also goes into
     ``trainer.callback_metrics`` (``llc/mean``, and ``llc/step``, the step it was taken at) and the progress bar;
     an unhealthy one does not, and the progress bar drops ``llc`` until a healthy one comes, so that neither shows
     a number that is not a measurement."""
@@ -102,6 +104,7 @@ def report_estimate(trainer: pl.Trainer, record: LLCRecord) -> None:
             "llc/epsilon": result.epsilon,
             "llc/healthy": float(result.healthy),
             "llc/seconds": record.seconds,
+            **{f"llc/{name}/{field}": value for name, group in result.groups.items() for field, value in (("mean", group.llc_mean), ("std", group.llc_std))},
         },
         record.step,
     )

@@ -230,16 +230,11 @@ class LLCTracker:
         return summarize_chains(gathered, config), local
 
     def _warm_start(self, num_chains: int) -> dict[str, Tensor] | None:
-        """The previous estimate's final offsets for ``num_chains`` chains (zeros for chains it did not have)."""
+        """The previous estimate's final offsets, if it ran the same chains (per group) on this process."""
         if self._offsets is None:
             return None
-        offsets = {}
-        for name, previous in self._offsets.items():
-            fresh = torch.zeros((num_chains, *previous.shape[1:]), dtype=previous.dtype, device=previous.device)
-            kept = min(num_chains, previous.shape[0])
-            fresh[:kept] = previous[:kept]
-            offsets[name] = fresh
-        return offsets
+        groups = 1 + len(self.config.param_groups or {})
+        return self._offsets if next(iter(self._offsets.values())).shape[0] == groups * num_chains else None
 
     def sample(self, step: int, inputs: EstimateInputs, shape: ChainShape) -> tuple[LLCResult, bool]:
         """One estimate at ``step``: the result, and whether its step size differs from the previous estimate's.

@@ -59,6 +59,12 @@ class SamplingConfig:
         target_acceptance: the mean MALA acceptance that epsilon="adaptive" aims for.
         max_samples: iterable data is read up to this many samples; if it has not ended by then, n is unknown and
             nbeta must be given.
+        param_groups: named groups of the sampled parameters, e.g. {"attn": "blocks.*.attn*", "mlp": "blocks.*.mlp*"},
+            each measured on its own (the rest frozen at w*) by num_chains chains of its own, in the same vectorized
+            pass as the full model; results in LLCResult.groups. Values are name patterns (as for params) or, from
+            the helpers in lightning_devinterp.sampling.params, {parameter name: element mask}.
+        chain_batch: run the chains this many at a time (per group), to bound memory; None runs them all at once.
+        compile: compile the vectorized forward and backward with torch.compile (a slower first call).
     """
 
     num_chains: int | None = None
@@ -75,6 +81,9 @@ class SamplingConfig:
     vectorize: bool | Literal["auto"] = "auto"
     target_acceptance: float = DEFAULT_TARGET_ACCEPTANCE
     max_samples: int = MAX_ITERABLE_SAMPLES
+    param_groups: dict[str, str | list[str] | dict[str, Any]] | None = None
+    chain_batch: int | None = None
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for name in ("num_chains", "num_draws", "num_burnin_steps"):
@@ -83,6 +92,12 @@ class SamplingConfig:
                 check_count(name, value, 0 if name == "num_burnin_steps" else 1)
         check_count("num_steps_bw_draws", self.num_steps_bw_draws, 1)
         check_count("max_samples", self.max_samples, 1)
+        if self.chain_batch is not None:
+            check_count("chain_batch", self.chain_batch, 1)
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be True or False, got {self.compile!r}.")
+        if self.param_groups is not None and (not isinstance(self.param_groups, dict) or not self.param_groups):
+            raise ValueError(f"param_groups must be a non-empty dict of group names to parameter patterns, got {self.param_groups!r}.")
         if self.epsilon not in ("adaptive", "auto"):
             check_positive("epsilon", self.epsilon)
         if not (isinstance(self.target_acceptance, (int, float)) and 0.0 < self.target_acceptance < 1.0):

@@ -1,15 +1,19 @@
-"""SGLD transition kernels: small pure functions over dicts of stacked parameters.
+"""SGLD transition kernels: small elementwise functions, applied one parameter tensor at a time.
 
-A position is a ``dict[str, Tensor]`` whose tensors carry a leading chain dimension ``[num_chains, ...]``; the
-anchor ``w*`` has the same keys without that dimension and broadcasts against it. A kernel never mutates its
-inputs and keeps no hidden state: whatever it carries between steps (RMSProp's running average) is returned
-explicitly, in the manner of BlackJAX's SG-MCMC kernels.
+A position holds, per sampled parameter, a tensor with a leading chain dimension ``[num_chains, ...]``; the anchor
+``w*`` has a leading dimension of one and broadcasts against it (it is shared, not copied per chain). A kernel keeps
+no hidden state: whatever it carries between steps (RMSProp's running average) lives in a per-parameter ``state``
+tensor that the runner owns, in the manner of BlackJAX's SG-MCMC kernels; the noise is passed in, so the
+vectorized and sequential paths draw the same randomness. The update works in place on the position, one
+parameter at a time, so that sampling holds the chains' parameters and gradients and only one parameter's
+worth of temporaries (:mod:`~lightning_devinterp.sampling.chains`).
 
 Convention (``GUIDE.md`` section 1, Lau et al. 2023, arXiv 2308.12108)::
 
     w <- w - (epsilon/2) * (nbeta * grad L_B(w) + gamma * (w - w*)) + N(0, epsilon I)
 
-where ``L_B`` is the mean loss over the chain's minibatch.
+where ``L_B`` is the mean loss over the chain's minibatch. A ``mask`` (0 or 1, broadcasting against the position)
+freezes the entries where it is 0 at w*: the weight-restricted LLC of a group of parameters.
 """
 
 from __future__ import annotations
@@ -28,18 +32,37 @@ Params = dict[str, Tensor]
 class Kernel(Protocol):
     """What the chain runner needs from a sampler."""
 
-    def init(self, position: Params) -> Params:
-        """The sampler's carried state at the start of a chain."""
-
     epsilon: float
     nbeta: float
     gamma: float
 
-    def step(self, position: Params, state: Params, grads: Params, anchor: Params, noise: Params) -> tuple[Params, Params]:
-        """One transition: the new position and carried state, given the minibatch gradients and standard-normal noise."""
+    def init_state(self, w: Tensor) -> Tensor | None:
+        """The carried state of one parameter at the start of a chain (None if the sampler carries none)."""
 
-    def preconditioner(self, state: Params) -> Params | None:
-        """The elementwise preconditioner G of the last step (None for the identity)."""
+    def update_(self, w: Tensor, grad: Tensor, anchor: Tensor, noise: Tensor, state: Tensor | None, mask: Tensor | None) -> None:
+        """One transition of one parameter, in place on ``w`` (and ``state``), given its minibatch gradient and
+        standard-normal noise; entries where ``mask`` is 0 do not move."""
+
+    def preconditioner(self, state: Tensor | None) -> Tensor | None:
+        """The elementwise preconditioner G of one parameter after the last step (None for the identity)."""
+
+    def update_many_(
+        self, ws: list[Tensor], grads: list[Tensor], anchors: list[Tensor], noises: list[Tensor], states: list[Tensor | None], masks: list[Tensor] | None
+    ) -> None:
+        """:meth:`update_` for several parameters at once (fused where the sampler can)."""
+
+
+def _update_each_(
+    kernel: Kernel, ws: list[Tensor], grads: list[Tensor], anchors: list[Tensor], noises: list[Tensor], states: list[Tensor | None], masks: list[Tensor] | None
+) -> None:
+    for index, w in enumerate(ws):
+        kernel.update_(w, grads[index], anchors[index], noises[index], states[index], None if masks is None else masks[index])
+
+
+def _move_(w: Tensor, delta: Tensor, mask: Tensor | None) -> None:
+    if mask is not None:
+        delta.mul_(mask)
+    w.add_(delta)
 
 
 @dataclass(frozen=True)
@@ -50,19 +73,27 @@ class SGLD:
     nbeta: float
     gamma: float
 
-    def init(self, position: Params) -> Params:
-        return {}
+    def init_state(self, w: Tensor) -> Tensor | None:
+        return None
 
-    def step(self, position: Params, state: Params, grads: Params, anchor: Params, noise: Params) -> tuple[Params, Params]:
-        names = list(position)
-        w = [position[name] for name in names]
-        drift = torch._foreach_mul([grads[name] for name in names], self.nbeta)
-        torch._foreach_add_(drift, torch._foreach_sub(w, [anchor[name] for name in names]), alpha=self.gamma)
-        new_w = torch._foreach_add(w, drift, alpha=-0.5 * self.epsilon)
-        torch._foreach_add_(new_w, [noise[name] for name in names], alpha=math.sqrt(self.epsilon))
-        return dict(zip(names, new_w)), state
+    def update_(self, w: Tensor, grad: Tensor, anchor: Tensor, noise: Tensor, state: Tensor | None, mask: Tensor | None) -> None:
+        delta = grad.mul(-0.5 * self.epsilon * self.nbeta)
+        delta.add_(w - anchor, alpha=-0.5 * self.epsilon * self.gamma)
+        delta.add_(noise, alpha=math.sqrt(self.epsilon))
+        _move_(w, delta, mask)
 
-    def preconditioner(self, state: Params) -> Params | None:
+    def update_many_(
+        self, ws: list[Tensor], grads: list[Tensor], anchors: list[Tensor], noises: list[Tensor], states: list[Tensor | None], masks: list[Tensor] | None
+    ) -> None:
+        """The same update with fused multi-tensor ops: a handful of kernel launches per step, whatever the layers."""
+        delta = torch._foreach_mul(grads, -0.5 * self.epsilon * self.nbeta)
+        torch._foreach_add_(delta, torch._foreach_sub(ws, [a.expand_as(w) for a, w in zip(anchors, ws)]), alpha=-0.5 * self.epsilon * self.gamma)
+        torch._foreach_add_(delta, noises, alpha=math.sqrt(self.epsilon))
+        if masks is not None:
+            torch._foreach_mul_(delta, [m.expand_as(w) for m, w in zip(masks, ws)])
+        torch._foreach_add_(ws, delta)
+
+    def preconditioner(self, state: Tensor | None) -> Tensor | None:
         return None
 
 
@@ -72,7 +103,8 @@ class RMSPropSGLD:
 
     Keeps ``V <- alpha V + (1 - alpha) g*g`` of the raw minibatch gradient ``g = grad L_B(w)`` and uses
     ``G = 1 / (sqrt(V) + delta)`` elementwise: the drift is multiplied by ``G`` and the noise standard deviation
-    by ``sqrt(G)``. ``alpha=0.99`` and ``delta=0.1`` follow devinterp's defaults.
+    by ``sqrt(G)``. ``alpha=0.99`` and ``delta=0.1`` follow devinterp's defaults. ``V`` costs one more copy of the
+    chains' parameters.
     """
 
     epsilon: float
@@ -81,29 +113,30 @@ class RMSPropSGLD:
     alpha: float = 0.99
     delta: float = 0.1
 
-    def init(self, position: Params) -> Params:
-        return {name: torch.zeros_like(w) for name, w in position.items()}
+    def init_state(self, w: Tensor) -> Tensor | None:
+        return torch.zeros_like(w)
 
-    def step(self, position: Params, state: Params, grads: Params, anchor: Params, noise: Params) -> tuple[Params, Params]:
-        new_position, new_state = {}, {}
-        for name, w in position.items():
-            g = grads[name]
-            square_avg = self.alpha * state[name] + (1.0 - self.alpha) * g * g
-            precondition = 1.0 / (square_avg.sqrt() + self.delta)
-            drift = self.nbeta * g + self.gamma * (w - anchor[name])
-            new_position[name] = w - (0.5 * self.epsilon) * precondition * drift + (self.epsilon * precondition).sqrt() * noise[name]
-            new_state[name] = square_avg
-        return new_position, new_state
+    def update_(self, w: Tensor, grad: Tensor, anchor: Tensor, noise: Tensor, state: Tensor | None, mask: Tensor | None) -> None:
+        assert state is not None
+        state.mul_(self.alpha).addcmul_(grad, grad, value=1.0 - self.alpha)
+        precondition = self.preconditioner(state)
+        assert precondition is not None
+        delta = grad.mul(self.nbeta).add_(w - anchor, alpha=self.gamma).mul_(precondition).mul_(-0.5 * self.epsilon)
+        delta.addcmul_(precondition.mul_(self.epsilon).sqrt_(), noise)
+        _move_(w, delta, mask)
 
-    def preconditioner(self, state: Params) -> Params | None:
-        return {name: 1.0 / (square_avg.sqrt() + self.delta) for name, square_avg in state.items()}
+    def preconditioner(self, state: Tensor | None) -> Tensor | None:
+        assert state is not None
+        return 1.0 / (state.sqrt() + self.delta)
+
+    update_many_ = _update_each_
 
 
 SAMPLERS = {"sgld": SGLD, "rmsprop_sgld": RMSPropSGLD}
 
 
-def _per_chain_sum(tensors: Params) -> Tensor:
-    return sum(t.reshape(t.shape[0], -1).sum(dim=1) for t in tensors.values())  # type: ignore[return-value]
+def _per_chain_sum(tensor: Tensor) -> Tensor:
+    return tensor.reshape(tensor.shape[0], -1).sum(dim=1)
 
 
 def mala_log_acceptance(
@@ -116,6 +149,7 @@ def mala_log_acceptance(
     proposal_grads: Params,
     anchor: Params,
     preconditioner: Params | None = None,
+    mask: Params | None = None,
 ) -> Tensor:
     """Metropolis-adjusted log acceptance ratio of an SGLD proposal, per chain (``GUIDE.md`` section 2).
 
@@ -126,28 +160,25 @@ def mala_log_acceptance(
 
     ``losses``/``grads`` are the minibatch loss and gradient at ``position`` and the ``proposal_*`` ones at the
     proposal, on the same minibatch. A preconditioned proposal uses the same ``G`` in both directions (an
-    approximation: RMSProp's ``G`` would change slightly at ``w'``). Healthy chains accept around 0.9 on average.
+    approximation: RMSProp's ``G`` would change slightly at ``w'``). With a ``mask``, only the entries that move
+    count (frozen ones have ``w = w' = w*``). Sums run one parameter at a time. Healthy chains accept around 0.9.
     """
-    ones = {name: torch.ones_like(w[:1]) for name, w in position.items()}
-    scale = preconditioner if preconditioner is not None else ones
+    epsilon, nbeta, gamma = kernel.epsilon, kernel.nbeta, kernel.gamma
+    log_ratio = nbeta * (losses - proposal_losses)
+    for name, x in position.items():
+        y, a = proposal[name], anchor[name]
+        scale = preconditioner[name] if preconditioner is not None else None
+        weight = mask[name] if mask is not None else None
 
-    def potential(w: Params, loss: Tensor) -> Tensor:
-        return kernel.nbeta * loss + 0.5 * kernel.gamma * _per_chain_sum({n: (x - anchor[n]) ** 2 for n, x in w.items()})
+        def summed(tensor: Tensor) -> Tensor:
+            return _per_chain_sum(tensor if weight is None else tensor * weight)
 
-    def log_q(to: Params, start: Params, start_grads: Params) -> Tensor:
-        squared = {
-            n: (to[n] - (x - 0.5 * kernel.epsilon * scale[n] * (kernel.nbeta * start_grads[n] + kernel.gamma * (x - anchor[n])))) ** 2
-            / (2.0 * kernel.epsilon * scale[n])
-            for n, x in start.items()
-        }
-        return -_per_chain_sum(squared)
-
-    return (
-        potential(position, losses)
-        - potential(proposal, proposal_losses)
-        + log_q(position, proposal, proposal_grads)
-        - log_q(proposal, position, grads)
-    )
+        log_ratio = log_ratio + 0.5 * gamma * (summed((x - a) ** 2) - summed((y - a) ** 2))
+        for to, start, start_grad, sign in ((x, y, proposal_grads[name], 1.0), (y, x, grads[name], -1.0)):
+            mean = start - 0.5 * epsilon * (1.0 if scale is None else scale) * (nbeta * start_grad + gamma * (start - a))
+            squared = (to - mean) ** 2 / (2.0 * epsilon * (1.0 if scale is None else scale))
+            log_ratio = log_ratio - sign * summed(squared)
+    return log_ratio
 
 
 def sampler_options(sampler: str) -> set[str]:

@@ -1,11 +1,13 @@
-"""Choose which parameters a chain samples (weight-restricted, or "refined", LLC)."""
+"""Choose which parameters a chain samples (weight-restricted, or "refined", LLC), and groups of them whose LLC is
+measured on its own (per-component LLC), with helpers that build groups per layer and per attention head."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from fnmatch import fnmatchcase
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 ParamSelector = str | Sequence[str] | None
 
@@ -44,3 +46,108 @@ def select_parameter_names(model: nn.Module, params: ParamSelector = None) -> li
             shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
             raise ValueError(f"params entry {pattern!r} matches no parameter of {type(model).__name__}. Its parameters: {shown}")
     return [name for name in names if any(_matches(name, pattern) for pattern in patterns)]
+
+
+GroupSpec = str | Sequence[str] | Mapping[str, Tensor]
+"""One group: name patterns (as for ``params``: names, module prefixes, globs), or ``{parameter name: element mask}``
+(a boolean tensor of the parameter's shape) for parts of parameters, as the head helpers build."""
+
+ParamGroups = Mapping[str, GroupSpec]
+"""Named groups of parameters whose LLC is measured on its own, the rest frozen at w*."""
+
+
+def resolve_groups(model: nn.Module, sampled: list[str], groups: ParamGroups) -> dict[str, dict[str, Tensor | None]]:
+    """Each group as ``{parameter name: element mask, or None for the whole parameter}``, over the sampled ones.
+
+    Raises:
+        ValueError: a group selects nothing, names a parameter that is not sampled, or has a mask of the wrong shape.
+    """
+    if not isinstance(groups, Mapping) or not groups:
+        raise ValueError("param_groups must be a non-empty mapping of group names to parameter patterns or masks.")
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+    resolved: dict[str, dict[str, Tensor | None]] = {}
+    for group, spec in groups.items():
+        if not isinstance(group, str) or not group or "/" in group:
+            raise ValueError(f"group names must be non-empty strings without '/', got {group!r}.")
+        if isinstance(spec, Mapping):
+            members: dict[str, Tensor | None] = {}
+            for name, mask in spec.items():
+                if name not in shapes:
+                    raise ValueError(f"group {group!r}: {type(model).__name__} has no parameter {name!r}.")
+                if not isinstance(mask, Tensor) or mask.shape != shapes[name]:
+                    raise ValueError(f"group {group!r}: the mask of {name!r} must be a tensor of shape {tuple(shapes[name])}.")
+                members[name] = mask.bool()
+        else:
+            members = {name: None for name in select_parameter_names(model, spec)}
+        outside = [name for name in members if name not in sampled]
+        if outside:
+            raise ValueError(f"group {group!r} names parameters that are not sampled ({', '.join(outside)}); widen params or narrow the group.")
+        if not members or all(mask is not None and not bool(mask.any()) for mask in members.values()):
+            raise ValueError(f"group {group!r} selects no parameter entries.")
+        resolved[group] = members
+    return resolved
+
+
+def layer_groups(model: nn.Module, types: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)) -> dict[str, list[str]]:
+    """One group per module of ``types`` that holds parameters of its own, named after the module (``"net.0"``)."""
+    return {
+        name: [name]
+        for name, module in model.named_modules()
+        if name and isinstance(module, types) and any(True for _ in module.parameters(recurse=False))
+    }
+
+
+def head_groups(model: nn.Module, qkv: str, num_heads: int, out: str | None = None) -> dict[str, dict[str, Tensor]]:
+    """One group per attention head of a fused query/key/value projection ``qkv`` (an ``nn.Linear`` whose output is
+    ``[q | k | v]``, each ``num_heads`` heads wide), with the head's columns of the output projection ``out`` if
+    given: the rows of q, k and v that belong to head h (and their biases), and out's columns that read them."""
+    modules = dict(model.named_modules())
+    projection = modules.get(qkv)
+    if not isinstance(projection, nn.Linear) or projection.out_features % (3 * num_heads):
+        raise ValueError(f"{qkv!r} must be an nn.Linear whose outputs split into q, k and v of {num_heads} heads each.")
+    width = projection.out_features // 3
+    head = width // num_heads
+    groups = {}
+    for h in range(num_heads):
+        rows = torch.zeros(projection.out_features, dtype=torch.bool)
+        for part in range(3):
+            rows[part * width + h * head : part * width + (h + 1) * head] = True
+        members = {f"{qkv}.weight": rows[:, None].expand_as(projection.weight).clone()}
+        if projection.bias is not None:
+            members[f"{qkv}.bias"] = rows.clone()
+        if out is not None:
+            output = modules.get(out)
+            if not isinstance(output, nn.Linear) or output.in_features != width:
+                raise ValueError(f"{out!r} must be an nn.Linear reading the {width} attention outputs.")
+            columns = torch.zeros(output.in_features, dtype=torch.bool)
+            columns[h * head : (h + 1) * head] = True
+            members[f"{out}.weight"] = columns[None, :].expand_as(output.weight).clone()
+        groups[f"{qkv}.head{h}"] = members
+    return groups
+
+
+def multihead_attention_groups(model: nn.Module) -> dict[str, dict[str, Tensor]]:
+    """One group per head of every ``nn.MultiheadAttention`` in ``model`` (packed in-projection only)."""
+    groups: dict[str, dict[str, Tensor]] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.MultiheadAttention):
+            continue
+        if not module._qkv_same_embed_dim:
+            raise ValueError(f"{name}: only MultiheadAttention with a packed in_proj_weight (kdim == vdim == embed_dim) is supported.")
+        width, heads = module.embed_dim, module.num_heads
+        head = width // heads
+        prefix = f"{name}." if name else ""
+        for h in range(heads):
+            rows = torch.zeros(3 * width, dtype=torch.bool)
+            for part in range(3):
+                rows[part * width + h * head : part * width + (h + 1) * head] = True
+            columns = torch.zeros(width, dtype=torch.bool)
+            columns[h * head : (h + 1) * head] = True
+            members = {f"{prefix}in_proj_weight": rows[:, None].expand(3 * width, width).clone()}
+            if module.in_proj_bias is not None:
+                members[f"{prefix}in_proj_bias"] = rows.clone()
+            members[f"{prefix}out_proj.weight"] = columns[None, :].expand(width, width).clone()
+            groups[f"{prefix}head{h}"] = members
+    if not groups:
+        raise ValueError(f"{type(model).__name__} has no nn.MultiheadAttention module.")
+    return groups

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,8 @@ class LLCResult:
     chains left. ``acceptance`` is each chain's mean MALA acceptance probability of its SGLD proposals.
     ``calibration`` is the :class:`~lightning_devinterp.CalibrationResult` behind ``epsilon="auto"``, else None.
     ``observations`` holds the traces ``[num_chains, num_draws, ...]`` of any extra observables passed in.
+    ``groups`` holds, with ``param_groups``, the restricted LLC of each named group (an ``LLCResult`` each, from
+    chains of its own sampled in the same pass; the others frozen at w*).
     """
 
     llc_mean: float
@@ -44,6 +47,7 @@ class LLCResult:
     vectorized: bool = True
     calibration: Any = None
     observations: dict[str, Tensor] = field(default_factory=dict)
+    groups: dict[str, LLCResult] = field(default_factory=dict)
 
     @property
     def acceptance_mean(self) -> float:
@@ -62,10 +66,16 @@ class LLCResult:
 
 
 def summarize_chains(run: ChainRun, config: SamplingConfig) -> LLCResult:
-    """The LLC estimate and its health findings from raw chains (possibly gathered from several processes)."""
+    """The LLC estimate and its health findings from raw chains (possibly gathered from several processes): the full
+    model's, with each group's in ``groups``."""
+    full, *parts = (_summarize_group(run, config, index) for index in range(len(run.groups)))
+    return dataclasses.replace(full, groups=dict(zip(run.groups[1:], parts)))
+
+
+def _summarize_group(run: ChainRun, config: SamplingConfig, group: int) -> LLCResult:
     assert config.num_burnin_steps is not None
-    failures = first_failures(run.failed_at)
-    draws = run.observations["loss"].clone()
+    failures = first_failures(run.failed_at[group])
+    draws = run.observations["loss"][group].clone()
     num_chains, num_draws = draws.shape
     draw_steps = [config.num_burnin_steps + index * config.num_steps_bw_draws for index in range(num_draws)]
     for chain, step in failures.items():
@@ -73,13 +83,14 @@ def summarize_chains(run: ChainRun, config: SamplingConfig) -> LLCResult:
     llc_per_chain = run.nbeta * (draws.mean(dim=1) - run.init_loss)
     alive = [chain for chain in range(num_chains) if chain not in failures]
     if not alive:
+        where = "" if group == 0 else f" of group {run.groups[group]!r}"
         raise LLCEstimationError(
-            f"all {num_chains} chains diverged (loss became NaN/Inf; first at step {min(failures.values())}); "
+            f"all {num_chains} chains{where} diverged (loss became NaN/Inf; first at step {min(failures.values())}); "
             f"try a smaller epsilon than {run.epsilon:g} or a larger gamma than {config.gamma:g}."
         )
     llc_mean = float(llc_per_chain[alive].mean())
     llc_std = float(llc_per_chain[alive].std()) if len(alive) > 1 else float("nan")
-    acceptance = run.acceptance.clone()
+    acceptance = run.acceptance[group].clone()
     acceptance[list(failures)] = float("nan")
     findings = diagnose(
         draws,
@@ -107,5 +118,5 @@ def summarize_chains(run: ChainRun, config: SamplingConfig) -> LLCResult:
         num_samples=run.num_samples,
         seed=run.seed,
         vectorized=run.vectorized,
-        observations={name: trace for name, trace in run.observations.items() if name != "loss"},
+        observations={name: trace[group] for name, trace in run.observations.items() if name != "loss"},
     )

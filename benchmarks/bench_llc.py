@@ -11,9 +11,8 @@ tokens, 3.4M parameters). For each chain count, ``--draws`` draws without burn-i
 - devinterp: ``devinterp.slt.llc.llc`` on the same work, when devinterp is installed;
 - compiled: ``compile=True`` (first call separately);
 - grouped: the same estimate with two ``param_groups`` (three times the chains, in one pass), against the plain one;
-- peak memory beyond the model and data (CUDA: the allocator's peak; CPU: the process's peak resident memory over
-  its resident memory just before, each in a fresh process; Linux), beside the bound 4 x chains x parameters x 4
-  bytes (activations come on top).
+- peak memory beyond the model and data (CUDA: the allocator's peak; CPU: the peak of live allocations, from the
+  profiler), as a multiple of chains x parameters x 4 bytes (the target: 4, activations on top).
 
     python benchmarks/bench_llc.py [--model small|mlp|cnn|gpt] [--device cuda] [--chains 8 32] [--draws 100]
 """
@@ -21,16 +20,13 @@ tokens, 3.4M parameters). For each chain count, ``--draws`` draws without burn-i
 from __future__ import annotations
 
 import argparse
-import json
-import resource
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import TensorDataset
 
 from lightning_devinterp import estimate_llc
@@ -132,37 +128,54 @@ def train_steps(model: nn.Module, data: TensorDataset, loss: Callable, batch: in
         optimizer.step()
 
 
-def devinterp_llc(model: nn.Module, data: TensorDataset, loss: Callable, batch: int, chains: int, draws: int) -> Callable[[], object] | None:
-    """devinterp 2.0's ``llc()`` on the same work, or None when it is not installed."""
+def devinterp_llc(model: nn.Module, data: TensorDataset, batch: int, chains: int, draws: int) -> Callable[[], object] | None:
+    """devinterp 2.0.1's ``llc()`` on the same work, or None when it is not installed. devinterp reads a HuggingFace
+    dataset of ``input_ids`` rows and wants a per-token loss of shape (batch, columns - 1): each sample's inputs and
+    targets are flattened into one float row, and each sample's loss fills its row."""
     try:
+        from datasets import Dataset as HFDataset
         from devinterp.slt.llc import llc
-        from torch.utils.data import DataLoader
     except ImportError:
         return None
-    loader = DataLoader(data, batch_size=batch, shuffle=True)
+    x, y = (t.cpu() for t in data.tensors)
+    width = x[0].numel()
+    rows = HFDataset.from_dict({"input_ids": torch.cat([x.reshape(len(x), -1).float(), y.reshape(len(y), -1).float()], dim=1).tolist()})
+
+    def per_sample_loss(network: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        inputs = input_ids[:, :width].reshape(-1, *x.shape[1:]).to(x.dtype)
+        targets = input_ids[:, width:].reshape(-1, *y.shape[1:]).to(y.dtype)
+        output = network(inputs)
+        if targets.is_floating_point():
+            loss = 0.5 * ((output - targets) ** 2).sum(-1)
+        else:
+            loss = F.cross_entropy(output.reshape(-1, output.shape[-1]), targets.reshape(-1), reduction="none").reshape(len(targets), -1).mean(-1)
+        return loss[:, None].expand(-1, input_ids.shape[1] - 1)
 
     def run() -> object:
-        return llc(model, loader, {}, lr=1e-6, n_beta=len(data) / 6.9, loss_fn=lambda m, b: loss(m, b), num_chains=chains, num_draws=draws,
-                   localization=100.0, device=str(next(model.parameters()).device))
+        return llc(model, rows.with_format("torch"), {}, lr=1e-6, n_beta=len(x) / 6.9, loss_fn=per_sample_loss, num_chains=chains,
+                   num_draws=draws, batch_size=batch, localization=100.0, device=str(next(model.parameters()).device))
 
     return run
 
 
-def peak_memory(model_name: str, device: str, chains: int, draws: int, vectorize: bool) -> float:
-    """Peak memory of one estimate beyond the model and data, in bytes, measured in a fresh process."""
-    code = (
-        "import sys, json, resource, torch; sys.argv=['x']; sys.path.insert(0, %r)\n"
-        "from bench_llc import problem; from lightning_devinterp import estimate_llc\n"
-        "device = torch.device(%r); model, data, loss, batch, _ = problem(%r, device)\n"
-        "estimate_llc(model, data, loss, batch_size=batch, num_chains=2, num_draws=2, num_burnin_steps=0, epsilon=1e-6, seed=0, vectorize=%r)\n"
-        "if device.type == 'cuda': torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()\n"
-        "else: import os; base = int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')\n"
-        "estimate_llc(model, data, loss, batch_size=batch, num_chains=%d, num_draws=%d, num_burnin_steps=0, epsilon=1e-6, seed=0, vectorize=%r)\n"
-        "peak = torch.cuda.max_memory_allocated() if device.type == 'cuda' else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
-        "print(json.dumps(peak - base))\n"
-    ) % (sys.path[0], device, model_name, vectorize, chains, draws, vectorize)
-    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    return float(json.loads(output.strip().splitlines()[-1]))
+def peak_memory(run: Callable[[], object], device: torch.device) -> float:
+    """Peak memory that ``run`` allocates beyond what was live before it, in bytes: the CUDA allocator's peak, or on
+    CPU the peak of live bytes replayed from the profiler's allocation events (resident memory would count what the
+    allocator keeps cached)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        run()
+        torch.cuda.synchronize(device)
+        return float(torch.cuda.max_memory_allocated(device) - base)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        run()
+    live = peak = 0
+    for _, nbytes in sorted((event.start_ns(), event.nbytes()) for event in profiler.profiler.kineto_results.events() if event.name() == "[memory]"):
+        live += nbytes
+        peak = max(peak, live)
+    return float(peak)
 
 
 def main() -> None:
@@ -196,13 +209,13 @@ def main() -> None:
         if not args.no_compile:
             compile_first, compiled = timed(lambda: estimate_llc(model, data, loss, vectorize=True, compile=True, **common), args.repeats, device)
             print(f"  compiled                   {compiled:8.3f} s   (first call, compiling: {compile_first:.1f} s) = {compiled / vmapped:.2f}x vmap")
-        reference = devinterp_llc(model, data, loss, batch, chains, args.draws)
+        reference = devinterp_llc(model, data, batch, chains, args.draws)
         if reference is not None:
             _, devinterp = timed(reference, 1, device)
             print(f"  devinterp llc()            {devinterp:8.3f} s   vmap is {devinterp / vmapped:.1f}x faster")
         bound = 4 * chains * parameters * 4
-        memory = peak_memory(args.model, args.device, chains, args.draws, True)
-        print(f"  peak memory (vmap)         {memory / 2**20:8.1f} MiB  (bound 4 x chains x parameters x 4 B = {bound / 2**20:.1f} MiB, plus activations)")
+        memory = peak_memory(lambda: estimate_llc(model, data, loss, vectorize=True, **common), device)
+        print(f"  peak memory (vmap)         {memory / 2**20:8.1f} MiB = {memory / (chains * parameters * 4):.1f} x chains x parameters x 4 B, activations included")
 
 
 if __name__ == "__main__":

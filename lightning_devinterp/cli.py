@@ -116,39 +116,70 @@ def _transition_steps(scalars: dict[str, list[tuple[int, float]]]) -> tuple[list
     return sorted(set(onsets)), sorted(set(ends))
 
 
+GROUP_TAG = re.compile(r"^llc/([^/]+)/mean$")
+
+
+def _mark_transitions(axis: Any, scalars: dict[str, list[tuple[int, float]]]) -> list[Any]:
+    """Onsets as dashed red lines, ends as dotted grey ones; the legend handles (one per kind)."""
+    handles = []
+    onsets, ends = _transition_steps(scalars)
+    for steps_of, style, label in ((onsets, dict(color="tab:red", linestyle="--"), "transition onset"), (ends, dict(color="gray", linestyle=":"), "transition end")):
+        for index, step in enumerate(steps_of):
+            line = axis.axvline(step, linewidth=1.2, label=label if index == 0 else None, **style)
+            if index == 0:
+                handles.append(line)
+    return handles
+
+
+def _draw_llc(axis: Any, name: str, scalars: dict[str, list[tuple[int, float]]]) -> list[Any]:
+    steps, means = zip(*scalars["llc/mean"])
+    handles = axis.plot(steps, means, color="tab:blue", marker=".", label="λ̂")
+    if "llc/std" in scalars:
+        stds = dict(scalars["llc/std"])
+        axis.fill_between(steps, [m - stds.get(s, 0.0) for s, m in zip(steps, means)],
+                          [m + stds.get(s, 0.0) for s, m in zip(steps, means)], color="tab:blue", alpha=0.2)
+    axis.set_ylabel("λ̂", color="tab:blue")
+    axis.set_title(name)
+    loss_tag = _loss_tag(list(scalars))
+    if loss_tag is not None:
+        loss_axis = axis.twinx()
+        handles += loss_axis.plot(*zip(*scalars[loss_tag]), color="tab:orange", alpha=0.7, label=loss_tag)
+        loss_axis.set_yscale("log")
+        loss_axis.set_ylabel(f"{loss_tag} (log scale)", color="tab:orange")
+    return handles
+
+
+def _draw_groups(axis: Any, name: str, scalars: dict[str, list[tuple[int, float]]], groups: list[str]) -> list[Any]:
+    handles = axis.plot(*zip(*scalars["llc/mean"]), color="black", linestyle="--", linewidth=1, label="full model")
+    for group in groups:
+        handles += axis.plot(*zip(*scalars[f"llc/{group}/mean"]), marker=".", label=group)
+    axis.set_ylabel("restricted λ̂")
+    axis.set_title(f"{name}: λ̂ by component")
+    return handles
+
+
 def plot_runs(runs: dict[str, dict[str, list[tuple[int, float]]]], output: Path, log_x: bool = False) -> Path:
     """One panel per run, titled with its name: λ̂ ± std (left axis), the training loss (right axis, log scale),
-    transition onsets as dashed red lines and ends as dotted grey lines, with a legend."""
+    transition onsets as dashed red lines and ends as dotted grey lines, with a legend. A run logged with
+    ``param_groups`` gets a second panel: each group's λ̂ (``llc/<group>/mean``) beside the full model's."""
     plt = _pyplot()
     with_llc = {name: scalars for name, scalars in runs.items() if "llc/mean" in scalars}
     if not with_llc:
         raise CLIError("no run has llc/mean scalars (was LLCMonitor attached with a TensorBoardLogger?)")
-    figure, axes = plt.subplots(len(with_llc), 1, figsize=(8, 3.4 * len(with_llc)), squeeze=False)
-    for axis, (name, scalars) in zip(axes[:, 0], with_llc.items()):
-        steps, means = zip(*scalars["llc/mean"])
-        handles = axis.plot(steps, means, color="tab:blue", marker=".", label="λ̂")
-        if "llc/std" in scalars:
-            stds = dict(scalars["llc/std"])
-            axis.fill_between(steps, [m - stds.get(s, 0.0) for s, m in zip(steps, means)],
-                              [m + stds.get(s, 0.0) for s, m in zip(steps, means)], color="tab:blue", alpha=0.2)
-        axis.set_ylabel("λ̂", color="tab:blue")
-        axis.set_title(name)
-        loss_tag = _loss_tag(list(scalars))
-        if loss_tag is not None:
-            loss_axis = axis.twinx()
-            handles += loss_axis.plot(*zip(*scalars[loss_tag]), color="tab:orange", alpha=0.7, label=loss_tag)
-            loss_axis.set_yscale("log")
-            loss_axis.set_ylabel(f"{loss_tag} (log scale)", color="tab:orange")
-        onsets, ends = _transition_steps(scalars)
-        for steps_of, style, label in ((onsets, dict(color="tab:red", linestyle="--"), "transition onset"), (ends, dict(color="gray", linestyle=":"), "transition end")):
-            for index, step in enumerate(steps_of):
-                line = axis.axvline(step, linewidth=1.2, label=label if index == 0 else None, **style)
-                if index == 0:
-                    handles.append(line)
+    panels = []
+    for name, scalars in with_llc.items():
+        panels.append((name, scalars, None))
+        groups = sorted(match.group(1) for match in map(GROUP_TAG.match, scalars) if match)
+        if groups:
+            panels.append((name, scalars, groups))
+    figure, axes = plt.subplots(len(panels), 1, figsize=(8, 3.4 * len(panels)), squeeze=False)
+    for axis, (name, scalars, groups) in zip(axes[:, 0], panels):
+        handles = _draw_llc(axis, name, scalars) if groups is None else _draw_groups(axis, name, scalars, groups)
+        handles += _mark_transitions(axis, scalars)
         if log_x:
             axis.set_xscale("symlog", linthresh=1)
         axis.set_xlabel("step")
-        axis.legend(handles=handles, loc="best", fontsize="small")
+        axis.legend(handles=handles, loc="best", fontsize="small", ncol=1 if groups is None or len(groups) < 5 else 2)
     figure.tight_layout()
     output.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(output, dpi=120)

@@ -3,6 +3,8 @@
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 from torch.utils.data import TensorDataset
 
@@ -49,3 +51,32 @@ def test_acceptance_falls_as_the_step_grows_and_a_coarse_step_is_flagged():
     assert any("MALA acceptance" in w for w in coarse.warnings)
     assert not any("MALA acceptance" in w for w in fine.warnings)
     assert math.isfinite(coarse.llc_mean)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    epsilon=st.floats(1e-6, 1e-1), nbeta=st.floats(1.0, 1e4), gamma=st.floats(0.0, 1e3),
+    chains=st.integers(1, 4), seed=st.integers(0, 2**16), masked=st.booleans(),
+)
+def test_one_sgld_step_is_the_convention_whichever_path(epsilon, nbeta, gamma, chains, seed, masked):
+    """w' = w - (epsilon/2)(nbeta g + gamma (w - w*)) + sqrt(epsilon) xi, masked entries unmoved: in place, one
+    parameter at a time or fused over several."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = [(3, 2), (5,)]
+    ws = [torch.randn(chains, *shape, generator=generator, dtype=torch.float64) for shape in shapes]
+    grads, noises = ([torch.randn_like(w) for w in ws] for _ in range(2))
+    anchors = [torch.randn(1, *shape, generator=generator, dtype=torch.float64) for shape in shapes]
+    masks = [(torch.rand(1, *shape, generator=generator) < 0.5).double() for shape in shapes] if masked else None
+    kernel = SGLD(epsilon=epsilon, nbeta=nbeta, gamma=gamma)
+    expected = []
+    for index, (w, g, a, xi) in enumerate(zip(ws, grads, anchors, noises)):
+        moved = w - 0.5 * epsilon * (nbeta * g + gamma * (w - a)) + math.sqrt(epsilon) * xi
+        expected.append(moved if masks is None else torch.where(masks[index].bool(), moved, w))
+    one_at_a_time = [w.clone() for w in ws]
+    for index, w in enumerate(one_at_a_time):
+        kernel.update_(w, grads[index], anchors[index], noises[index], None, None if masks is None else masks[index])
+    fused = [w.clone() for w in ws]
+    kernel.update_many_(fused, grads, anchors, noises, [None, None], masks)
+    for result in (one_at_a_time, fused):
+        for got, want in zip(result, expected):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

@@ -1,6 +1,7 @@
 """The lightning-devinterp command: plot and analyze on small generated runs, and one-line errors for bad input."""
 
 import csv
+import struct
 import sys
 
 import lightning.pytorch as pl
@@ -9,7 +10,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_devinterp import LLCMonitor
-from lightning_devinterp.cli import main
+from lightning_devinterp.cli import main, plot_runs
 from lightning_helpers import QUICK, Regressor, make_trainer, regression_loader
 
 ANALYZE = ["--module", "lightning_helpers:Regressor", "--data", "lightning_helpers:regression_loader", "--num-draws", "20", "--num-burnin-steps", "10"]
@@ -162,3 +163,15 @@ def test_analyze_writes_one_column_pair_per_group(trained_run, tmp_path):
     with table.open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 3 and all(float(row["first_llc_mean"]) == float(row["first_llc_mean"]) and row["last_llc_std"] for row in rows)
+
+
+def test_a_run_with_groups_gets_a_second_panel(tmp_path):
+    """Each group's λ̂ is drawn in a panel of its own under the run's: the picture is twice as tall."""
+    series = {"llc/mean": [(0, 1.0), (10, 2.0)], "llc/std": [(0, 0.1), (10, 0.1)], "train_loss": [(0, 1.0), (10, 0.5)]}
+    plain = plot_runs({"run": series}, tmp_path / "plain.png")
+    grouped = plot_runs({"run": {**series, "llc/attn/mean": [(0, 0.5), (10, 1.5)], "llc/mlp/mean": [(0, 0.2), (10, 0.4)]}}, tmp_path / "grouped.png")
+
+    def height(path):
+        return struct.unpack(">I", path.read_bytes()[20:24])[0]
+
+    assert height(grouped) == 2 * height(plain)

@@ -8,7 +8,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from lightning_devinterp import LLCMonitor, estimate_llc
+from lightning_devinterp import LLCMonitor, TransitionDetector, TransitionMonitor, estimate_llc
 from lightning_devinterp.sampling.params import head_groups, layer_groups, multihead_attention_groups
 from lightning_devinterp.theory import quadratic_sgld_llc
 from lightning_helpers import AtMinimum, make_trainer, regression_loader
@@ -100,11 +100,18 @@ def test_head_groups_run_in_one_vectorized_pass():
 def test_the_monitor_logs_each_group(tmp_path):
     logger = TensorBoardLogger(str(tmp_path), name="groups")
     monitor = LLCMonitor(every_n_steps=5, num_chains=4, num_draws=30, num_burnin_steps=20, epsilon=1e-3, param_groups={"weight": "linear.weight", "bias": "linear.bias"})
+    watcher = TransitionMonitor(monitor="llc/weight/mean")  # listed first: it reads each estimate a step late
     pl.seed_everything(0)
-    make_trainer(tmp_path, [monitor], logger=logger, max_steps=10).fit(AtMinimum(), regression_loader())
+    trainer = make_trainer(tmp_path, [watcher, monitor], logger=logger, max_steps=10)
+    trainer.fit(AtMinimum(), regression_loader())
     events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0})
     events.Reload()
     for tag in ("llc/weight/mean", "llc/weight/std", "llc/bias/mean", "llc/bias/std"):
         assert [e.step for e in events.Scalars(tag)] == [0, 5, 10], tag
     last = monitor.history[-1].result
     assert last.groups["bias"].llc_mean < last.groups["weight"].llc_mean  # 2 bias entries against 10 weights
+    assert float(trainer.callback_metrics["llc/weight/mean"]) == pytest.approx(last.groups["weight"].llc_mean)
+    assert isinstance(watcher.detector, TransitionDetector)  # the default for a λ̂ series
+    fed = watcher.detector.state_dict()["regime"]
+    healthy = [record for record in monitor.history if record.healthy]
+    assert [(step, value) for step, value, _ in fed] == [(r.step, pytest.approx(r.result.groups["weight"].llc_mean)) for r in healthy]

@@ -1,5 +1,7 @@
 """Scale: chains in batches, attention under vmap, a compiled step; same numbers as the plain path."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -49,17 +51,21 @@ def test_chain_batches_still_match_the_exact_formula():
     assert result.llc_mean == pytest.approx(quadratic_sgld_llc(h, nbeta, gamma, epsilon), rel=0.03)
 
 
-def test_attention_runs_through_the_math_backend_under_vmap_on_cuda():
-    """The backend choice itself, checked on CPU: for a CUDA device and vectorized chains only the math kernel."""
-    with attention_backends(torch.device("cuda"), vectorized=True):
+def test_attention_runs_through_the_math_backend_under_vmap():
+    """The backend choice itself (the flags are what CUDA reads), and on CPU the effect: no per-chain fallback loop."""
+    with attention_backends(vectorized=True):
         assert torch.backends.cuda.math_sdp_enabled()
         assert not torch.backends.cuda.flash_sdp_enabled() and not torch.backends.cuda.mem_efficient_sdp_enabled()
         assert not torch.backends.mha.get_fastpath_enabled()
-    assert torch.backends.mha.get_fastpath_enabled()
-    with attention_backends(torch.device("cuda"), vectorized=False):
+    assert torch.backends.mha.get_fastpath_enabled() and torch.backends.cuda.flash_sdp_enabled()
+    with attention_backends(vectorized=False):
         assert torch.backends.cuda.flash_sdp_enabled()
-    with attention_backends(torch.device("cpu"), vectorized=True):
-        assert torch.backends.cuda.flash_sdp_enabled()
+    q = torch.randn(3, 2, 2, 5, 4)
+    attend = torch.func.vmap(lambda x: F.scaled_dot_product_attention(x, x, x, is_causal=True))
+    with warnings.catch_warnings(record=True) as caught, attention_backends(vectorized=True):
+        warnings.simplefilter("always")
+        attend(q)
+    assert not [w for w in caught if "batching rule" in str(w.message)]
 
 
 class SelfAttention(nn.Module):

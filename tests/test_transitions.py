@@ -254,6 +254,24 @@ def test_transition_monitor_alerts_everywhere_it_should(tmp_path):
     assert restored.transitions == monitor.transitions
 
 
+class EveryTenSteps(Regressor):
+    """Logs a metric every ten steps only: Lightning keeps the last value in ``callback_metrics`` in between."""
+
+    def training_step(self, batch, batch_idx):
+        if self.global_step % 10 == 0:
+            self.log("sparse", 2.0 + 0.01 * self.global_step)
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_metric_logged_every_few_steps_is_fed_once_per_value(tmp_path):
+    monitor = TransitionMonitor(monitor="sparse", detector=TransitionDetector(metric="sparse"))
+    pl.seed_everything(0)
+    make_trainer(tmp_path, [monitor], max_steps=60).fit(EveryTenSteps(), regression_loader())
+    fed = monitor.detector.state_dict()["regime"]
+    assert [step for step, _, _ in fed] == [1, 11, 21, 31, 41, 51]  # read after the optimizer step it was logged in
+    assert [value for _, value, _ in fed] == pytest.approx([2.0, 2.1, 2.2, 2.3, 2.4, 2.5])
+
+
 def test_a_metric_that_is_never_logged_is_named_once(tmp_path):
     monitor = TransitionMonitor(monitor="trian_loss")
     pl.seed_everything(0)

@@ -87,7 +87,8 @@ def report_epsilon(trainer: pl.Trainer, record: LLCRecord, previous: float | Non
 def report_estimate(trainer: pl.Trainer, record: LLCRecord) -> None:
     """``llc/*`` scalars to every logger at the estimate's step (with ``param_groups``, ``llc/<group>/mean`` and
     ``llc/<group>/std`` too). A healthy estimate also goes into
-    ``trainer.callback_metrics`` (``llc/mean``, and ``llc/step``, the step it was taken at) and the progress bar;
+    ``trainer.callback_metrics`` (``llc/mean``, each ``llc/<group>/mean``, and ``llc/step``, the step it was taken at)
+    and the progress bar;
     an unhealthy one does not, and the progress bar drops ``llc`` until a healthy one comes, so that neither shows
     a number that is not a measurement."""
     result = record.result
@@ -111,6 +112,8 @@ def report_estimate(trainer: pl.Trainer, record: LLCRecord) -> None:
     if result.healthy:
         trainer.callback_metrics["llc/mean"] = torch.tensor(record.llc_mean)
         trainer.callback_metrics["llc/step"] = torch.tensor(float(record.step))
+        for name, group in result.groups.items():
+            trainer.callback_metrics[f"llc/{name}/mean"] = torch.tensor(group.llc_mean)
         trainer.progress_bar_metrics["llc"] = round(record.llc_mean, 3)
     else:
         trainer.progress_bar_metrics.pop("llc", None)

@@ -21,12 +21,17 @@ class TransitionMonitor(Callback):
 
     The default detector is a :class:`LossDropDetector` with ``direction="both"``: it smooths the metric over 50
     steps on a log scale, judges changes against its own robust noise, and reports a fast fall (or rise) only after
-    a plateau, so minibatch noise and smooth decays raise nothing. It needs a positive metric (a loss, an
-    accuracy); for anything else, or a metric logged rarely, pass ``detector=TransitionDetector(...)``.
+    a plateau, so minibatch noise and smooth decays raise nothing. It needs a positive metric logged every step (a
+    loss, an accuracy). For a λ̂ series (a ``monitor`` starting with ``llc/``, such as the ``llc/<group>/mean`` of an
+    :class:`LLCMonitor` with ``param_groups``) the default is a :class:`TransitionDetector`, which looks for shifts
+    between settled levels of a sparse series; pass ``detector=TransitionDetector(...)`` for any other metric logged
+    rarely.
 
-    The metric is read after each optimizer step and after each validation run, once per step; steps where it was
-    not logged are skipped, and if it was never logged by the end of the first epoch a warning lists the metrics
-    that were. Alerts are those of :class:`LLCMonitor`: a :class:`TransitionWarning` (also at INFO on the
+    The metric is read after each optimizer step, after each validation run and at the end of training, once per step (a λ̂ series is
+    dated by ``llc/step``, the step its estimate was taken at). Only new values are
+    fed: a step where it was not logged, or where ``callback_metrics`` still holds the value last fed (a metric
+    logged every few steps or at validation), is skipped. If it was never logged by the end of the first epoch a
+    warning lists the metrics that were. Alerts are those of :class:`LLCMonitor`: a :class:`TransitionWarning` (also at INFO on the
     ``lightning_devinterp`` logger), a ``transitions/onset`` or ``transitions/end`` scalar and a TensorBoard text
     entry, an optional checkpoint and the ``on_transition(trainer, pl_module, transition)`` hook. Under DDP the
     detector sees the mean of the metric over ranks (one small all-reduce per step), so every rank decides alike.
@@ -46,11 +51,14 @@ class TransitionMonitor(Callback):
             raise TypeError(f"detector must be a LossDropDetector, a TransitionDetector or None, got {type(detector).__name__}.")
         check_callable("on_transition", on_transition, "on_transition(trainer, pl_module, transition)")
         self.monitor = monitor
-        self.detector = detector if detector is not None else LossDropDetector(metric=monitor, direction="both")
+        if detector is None:
+            detector = TransitionDetector(metric=monitor) if monitor.startswith("llc/") else LossDropDetector(metric=monitor, direction="both")
+        self.detector = detector
         self.on_transition = on_transition
         self.save_checkpoint = save_checkpoint
         self.transitions: list[Transition] = []
         self._last_step = -1
+        self._last_value: float | None = None
         self._seen = False
         self._warned_missing = False
 
@@ -69,11 +77,21 @@ class TransitionMonitor(Callback):
         if value is None:
             return
         self._seen = True
-        self._last_step = trainer.global_step
-        transition = self.detector.update(trainer.global_step, float(value))
+        value = float(value)
+        step = self._step_of(trainer)
+        if value == self._last_value or step <= self._last_step:
+            return
+        self._last_step, self._last_value = step, value
+        transition = self.detector.update(step, value)
         if transition is not None:
             self.transitions.append(transition)
             announce_transition(trainer, pl_module, transition, llc_value=None, on_transition=self.on_transition, save_checkpoint=self.save_checkpoint)
+
+    def _step_of(self, trainer: pl.Trainer) -> int:
+        """The step the value belongs to: ``llc/step`` for a λ̂ series (estimates can be read a step after they are
+        taken), the current step otherwise."""
+        taken_at = trainer.callback_metrics.get("llc/step") if self.monitor.startswith("llc/") else None
+        return int(taken_at) if taken_at is not None else trainer.global_step
 
     def _warn_if_never_seen(self, trainer: pl.Trainer) -> None:
         if self._seen or self._warned_missing or trainer.fast_dev_run:
@@ -95,6 +113,7 @@ class TransitionMonitor(Callback):
         self._warn_if_never_seen(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._observe(trainer, pl_module)
         self._warn_if_never_seen(trainer)
 
     def state_dict(self) -> dict[str, Any]:
@@ -102,9 +121,11 @@ class TransitionMonitor(Callback):
             "detector": self.detector.state_dict(),
             "transitions": [dataclasses.asdict(t) for t in self.transitions],
             "last_step": self._last_step,
+            "last_value": self._last_value,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.detector.load_state_dict(state_dict["detector"])
         self.transitions = [Transition(**t) for t in state_dict["transitions"]]
         self._last_step = state_dict["last_step"]
+        self._last_value = state_dict.get("last_value")

@@ -153,19 +153,20 @@ def _sequential(loss: FunctionalLoss, num_chains: int) -> ChainLosses:
 
 
 @contextmanager
-def attention_backends(device: torch.device, vectorized: bool) -> Iterator[None]:
+def attention_backends(vectorized: bool) -> Iterator[None]:
     """Attention that vmap can differentiate. Under vmap, ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer``
     in eval mode would take their fused fast path (vmap's batched tensors hide ``requires_grad`` from its check), which
-    has no derivative, so the fast path is turned off; and on CUDA ``scaled_dot_product_attention`` runs through its
-    math backend: the fused kernels it would otherwise pick have no batching rule for their backward there (``LSE is
-    not correctly aligned``), and math is exact. Without vmap, nothing changes."""
+    has no derivative, so the fast path is turned off; and ``scaled_dot_product_attention`` runs through its math
+    backend, which is exact and batches: on CUDA the fused kernels it would otherwise pick have no batching rule for
+    their backward (``LSE is not correctly aligned``), and on CPU its flash kernel has none at all, so vmap would
+    fall back to a loop over the chains. Without vmap, nothing changes."""
     if not vectorized:
         yield
         return
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with sdpa_kernel(SDPBackend.MATH) if device.type == "cuda" else nullcontext():
+        with sdpa_kernel(SDPBackend.MATH):
             yield
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
@@ -519,7 +520,7 @@ def run_chains(
                 seed=seed if index == 0 else (seed + 1_000_003 * index) % (2**63 - 1), device=source.device,
                 epsilon=INITIAL_EPSILON if epsilon == "adaptive" else float(epsilon), offsets=offsets,
             )
-            with attention_backends(source.device, chains.vectorized):
+            with attention_backends(chains.vectorized):
                 pieces.append(_sample(chains, [MinibatchLoss(), *observables], config=piece_config, average=average, full_chains=count))
             epsilon = pieces[0].epsilon
             del chains

@@ -77,6 +77,9 @@ class SGLD:
         return None
 
     def update_(self, w: Tensor, grad: Tensor, anchor: Tensor, noise: Tensor, state: Tensor | None, mask: Tensor | None) -> None:
+        if mask is None:
+            self.update_many_([w], [grad], [anchor], [noise], [state], None)
+            return
         delta = grad.mul(-0.5 * self.epsilon * self.nbeta)
         delta.add_(w - anchor, alpha=-0.5 * self.epsilon * self.gamma)
         delta.add_(noise, alpha=math.sqrt(self.epsilon))
@@ -85,13 +88,20 @@ class SGLD:
     def update_many_(
         self, ws: list[Tensor], grads: list[Tensor], anchors: list[Tensor], noises: list[Tensor], states: list[Tensor | None], masks: list[Tensor] | None
     ) -> None:
-        """The same update with fused multi-tensor ops: a handful of kernel launches per step, whatever the layers."""
-        delta = torch._foreach_mul(grads, -0.5 * self.epsilon * self.nbeta)
-        torch._foreach_add_(delta, torch._foreach_sub(ws, [a.expand_as(w) for a, w in zip(anchors, ws)]), alpha=-0.5 * self.epsilon * self.gamma)
-        torch._foreach_add_(delta, noises, alpha=math.sqrt(self.epsilon))
+        """The same update with fused multi-tensor ops: a handful of kernel launches per step, whatever the layers.
+        Without masks it needs no temporaries: the pull toward w* is w <- (1 - c) w + c w*, c = epsilon gamma / 2."""
         if masks is not None:
+            delta = torch._foreach_mul(grads, -0.5 * self.epsilon * self.nbeta)
+            torch._foreach_add_(delta, torch._foreach_sub(ws, [a.expand_as(w) for a, w in zip(anchors, ws)]), alpha=-0.5 * self.epsilon * self.gamma)
+            torch._foreach_add_(delta, noises, alpha=math.sqrt(self.epsilon))
             torch._foreach_mul_(delta, [m.expand_as(w) for m, w in zip(masks, ws)])
-        torch._foreach_add_(ws, delta)
+            torch._foreach_add_(ws, delta)
+            return
+        pull = 0.5 * self.epsilon * self.gamma
+        torch._foreach_mul_(ws, 1.0 - pull)
+        torch._foreach_add_(ws, [a.expand_as(w) for a, w in zip(anchors, ws)], alpha=pull)
+        torch._foreach_add_(ws, grads, alpha=-0.5 * self.epsilon * self.nbeta)
+        torch._foreach_add_(ws, noises, alpha=math.sqrt(self.epsilon))
 
     def preconditioner(self, state: Tensor | None) -> Tensor | None:
         return None

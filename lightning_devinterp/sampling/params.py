@@ -97,6 +97,18 @@ def layer_groups(model: nn.Module, types: tuple[type[nn.Module], ...] = (nn.Line
     }
 
 
+def _head_masks(width: int, num_heads: int, head: int) -> tuple[Tensor, Tensor]:
+    """Which of a fused ``[q | k | v]`` projection's ``3 * width`` outputs belong to ``head``, and which of the
+    ``width`` attention outputs it writes."""
+    size = width // num_heads
+    rows = torch.zeros(3 * width, dtype=torch.bool)
+    for part in range(3):
+        rows[part * width + head * size : part * width + (head + 1) * size] = True
+    columns = torch.zeros(width, dtype=torch.bool)
+    columns[head * size : (head + 1) * size] = True
+    return rows, columns
+
+
 def head_groups(model: nn.Module, qkv: str, num_heads: int, out: str | None = None) -> dict[str, dict[str, Tensor]]:
     """One group per attention head of a fused query/key/value projection ``qkv`` (an ``nn.Linear`` whose output is
     ``[q | k | v]``, each ``num_heads`` heads wide), with the head's columns of the output projection ``out`` if
@@ -106,21 +118,16 @@ def head_groups(model: nn.Module, qkv: str, num_heads: int, out: str | None = No
     if not isinstance(projection, nn.Linear) or projection.out_features % (3 * num_heads):
         raise ValueError(f"{qkv!r} must be an nn.Linear whose outputs split into q, k and v of {num_heads} heads each.")
     width = projection.out_features // 3
-    head = width // num_heads
+    output = modules.get(out) if out is not None else None
+    if out is not None and (not isinstance(output, nn.Linear) or output.in_features != width):
+        raise ValueError(f"{out!r} must be an nn.Linear reading the {width} attention outputs.")
     groups = {}
     for h in range(num_heads):
-        rows = torch.zeros(projection.out_features, dtype=torch.bool)
-        for part in range(3):
-            rows[part * width + h * head : part * width + (h + 1) * head] = True
+        rows, columns = _head_masks(width, num_heads, h)
         members = {f"{qkv}.weight": rows[:, None].expand_as(projection.weight).clone()}
         if projection.bias is not None:
-            members[f"{qkv}.bias"] = rows.clone()
-        if out is not None:
-            output = modules.get(out)
-            if not isinstance(output, nn.Linear) or output.in_features != width:
-                raise ValueError(f"{out!r} must be an nn.Linear reading the {width} attention outputs.")
-            columns = torch.zeros(output.in_features, dtype=torch.bool)
-            columns[h * head : (h + 1) * head] = True
+            members[f"{qkv}.bias"] = rows
+        if output is not None:
             members[f"{out}.weight"] = columns[None, :].expand_as(output.weight).clone()
         groups[f"{qkv}.head{h}"] = members
     return groups
@@ -135,17 +142,12 @@ def multihead_attention_groups(model: nn.Module) -> dict[str, dict[str, Tensor]]
         if not module._qkv_same_embed_dim:
             raise ValueError(f"{name}: only MultiheadAttention with a packed in_proj_weight (kdim == vdim == embed_dim) is supported.")
         width, heads = module.embed_dim, module.num_heads
-        head = width // heads
         prefix = f"{name}." if name else ""
         for h in range(heads):
-            rows = torch.zeros(3 * width, dtype=torch.bool)
-            for part in range(3):
-                rows[part * width + h * head : part * width + (h + 1) * head] = True
-            columns = torch.zeros(width, dtype=torch.bool)
-            columns[h * head : (h + 1) * head] = True
+            rows, columns = _head_masks(width, heads, h)
             members = {f"{prefix}in_proj_weight": rows[:, None].expand(3 * width, width).clone()}
             if module.in_proj_bias is not None:
-                members[f"{prefix}in_proj_bias"] = rows.clone()
+                members[f"{prefix}in_proj_bias"] = rows
             members[f"{prefix}out_proj.weight"] = columns[None, :].expand(width, width).clone()
             groups[f"{prefix}head{h}"] = members
     if not groups:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -204,8 +205,9 @@ class LLCMonitor(Callback):
         """The SGLD step size in use; with ``epsilon="auto"``, None until calibration has chosen one."""
         return self.tracker.epsilon
 
-    @property
+    @functools.cached_property
     def state_key(self) -> str:
+        """Lightning reads it at every hook call (for its profiler), so it is built once; its inputs never change."""
         return self._generate_state_key(
             every_n_steps=self.schedule.every_n_steps,
             log_spaced=self.schedule.log_spaced,

@@ -154,6 +154,40 @@ def test_each_drop_after_a_plateau_gives_an_onset_soon_and_an_end():
         assert onsets[0].before == pytest.approx(1.0, rel=0.1)
 
 
+def test_a_second_drop_soon_after_the_first_is_reported():
+    """Stages 400 steps apart: the plateau between them starts where the first fall stopped, not where its end was
+    confirmed (a lag and a half later), so it is long enough to be seen."""
+    rng = np.random.default_rng(1)
+    found = 0
+    for _ in range(20):
+        onsets = [e.step for e in run_loss(*loss_curve(rng, steps=1700, drops=(500, 900), noise=0.3)) if e.is_onset]
+        found += len(onsets) == 2 and 900 <= onsets[1] <= 1000
+    assert found >= 18
+
+
+def test_a_fall_that_begins_slowly_does_not_raise_its_own_noise_floor():
+    """After a plateau the fall speeds up over 800 steps to 25% per 100 steps, under heavy minibatch noise. The rates
+    behind the noise estimate are those that share no data with the rate being judged, so the slow start of the
+    fall does not count as noise."""
+    rng = np.random.default_rng(3)
+    t = np.arange(3000)
+    found = 0
+    for _ in range(20):
+        log_loss = -np.cumsum(np.clip((t - 1000) / 800, 0, 1) * 0.25 / 100) + rng.normal(0, 0.5, t.size)
+        found += any(e.is_onset and 1000 <= e.step <= 2200 for e in run_loss(t.tolist(), np.exp(log_loss).tolist()))
+    assert found >= 19
+
+
+def test_a_spike_that_returns_to_the_plateau_is_not_a_drop():
+    """A loss that jumps 3x for 60 steps and comes back (an optimizer's spike) falls fast afterwards, but not below
+    the plateau it left."""
+    rng = np.random.default_rng(2)
+    t = np.arange(2000)
+    for _ in range(20):
+        log_loss = np.where((t >= 1000) & (t < 1060), math.log(3.0), 0.0) + rng.normal(0, 0.3, t.size)
+        assert not [e for e in run_loss(t.tolist(), np.exp(log_loss).tolist()) if e.is_onset]
+
+
 @pytest.mark.parametrize("decay", [300.0, 3000.0])
 def test_a_smooth_decay_from_initialisation_is_never_reported(decay):
     """Decays 3x faster and 3x slower than the threshold rate (10% per 100 steps). Close to that rate, noise can
@@ -217,6 +251,21 @@ def test_a_llc_shift_without_a_loss_drop_is_reported_on_its_own():
             if found is not None:
                 reports.append(found)
     assert [(r.evidence, r.direction) for r in reports] == [("λ̂ change", "up")]
+
+
+def test_llc_seen_while_the_loss_settles_is_not_a_level_to_compare_with():
+    """While a model converges from initialisation w* is still moving and λ̂ (here 30) is not yet what it settles to
+    (20, once the loss is flat): that is no transition."""
+    rng = np.random.default_rng(0)
+    evidence = TransitionEvidence(LossDropDetector(), TransitionDetector())
+    reports = []
+    for step in range(1, 2001):
+        evidence.observe_loss(step, (1 + 10 * math.exp(-step / 100)) * math.exp(rng.normal(0, 0.05)))
+        if step % 25 == 0:
+            found = evidence.observe_llc(step, (30.0 if step < 550 else 20.0) + 0.3 * math.cos(step), 0.3)
+            if found is not None:
+                reports.append(found)
+    assert reports == []
 
 
 # ---- TransitionMonitor in a real fit --------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """The transitions benchmark, in one command: record the runs (once; cached), replay the monitor's detection,
-and print recall, false reports, latency and impossible values per family, for the tuning seeds (even) and the
-held-out seeds (odd) separately. See families.py for the runs, ground_truth.py for what counts as a transition,
-score.py for the metrics.
+and print recall, false reports, latency and impossible values per family, separately for the tuning seeds, the
+held-out seeds and the fresh seeds (see ``families.split``). See families.py for the runs, ground_truth.py for
+what counts as a transition, score.py for the metrics.
 
-    python benchmarks/transitions/run.py [--seeds 12] [--families dln tms parity linear ...] [--jobs 2]
+    python benchmarks/transitions/run.py [--seeds 24] [--families dln tms parity linear ...] [--jobs 2]
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from families import BUILDERS, CONTROLS, FAMILIES, is_held_out, specs  # noqa: E402
+from families import BUILDERS, CONTROLS, FAMILIES, split, specs  # noqa: E402
 from score import Score, score_run  # noqa: E402
 
 
@@ -33,7 +33,7 @@ def _record(spec_args: tuple[str, int]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=12, help="seeds per family (even: tuning, odd: held out)")
+    parser.add_argument("--seeds", type=int, default=24, help="seeds per family: 0 .. seeds-1 (see families.split)")
     parser.add_argument("--families", nargs="+", default=[*FAMILIES, *CONTROLS], choices=list(BUILDERS))
     parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1)))
     parser.add_argument("--baseline", type=int, default=100, help="steps between the baseline estimates")
@@ -44,12 +44,14 @@ def main() -> None:
         recorded = list(pool.map(_record, runs))
     print(f"{'family':<10} {'split':<9} {'runs':>4} {'episodes':>8} {'recall':>7} {'false/run':>9} {'latency':>8} {'impossible':>10}")
     for family in args.families:
-        for split, held in (("tuning", False), ("held-out", True)):
+        for part in ("tuning", "held-out", "fresh"):
+            chosen = [series for series in recorded if series["family"] == family and split(series["seed"]) == part]
+            if not chosen:
+                continue
             total = Score()
-            for series in recorded:
-                if series["family"] == family and is_held_out(series["seed"]) == held:
-                    total.add(score_run(series, baseline=args.baseline, densify=not args.no_densify))
-            print(f"{family:<10} {split:<9} {total.row()}")
+            for series in chosen:
+                total.add(score_run(series, baseline=args.baseline, densify=not args.no_densify))
+            print(f"{family:<10} {part:<9} {total.row()}")
 
 
 if __name__ == "__main__":

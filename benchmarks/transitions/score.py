@@ -47,16 +47,19 @@ def replay(
     reports: list[Transition] = []
     seen: list[tuple[int, float]] = []
     last = -math.inf
+    epsilon_changed = False  # at a recorded estimate the replay skipped: the next one it takes uses the new step
     for step, loss in series["minibatch_loss"]:
         found = evidence.observe_loss(step, loss)
         if found is not None:
             reports.append(found)
         due = step > 0 and (step % baseline == 0 or (densify and evidence.wants_dense_estimates and step - last >= GRID))
+        epsilon_changed = epsilon_changed or (step in estimates and estimates[step]["epsilon_changed"])
         if due and step in estimates:
             last = step
             entry = estimates[step]
-            if entry["epsilon_changed"]:
+            if epsilon_changed:
                 evidence.reset_llc()
+                epsilon_changed = False
             seen.append((step, entry["mean"]))
             standard_error = entry["std"] / math.sqrt(entry["chains"]) if entry["chains"] > 1 and math.isfinite(entry["std"]) else None
             found = evidence.observe_llc(step, entry["mean"], standard_error, entry["healthy"])

@@ -10,7 +10,8 @@
 - A shift of λ̂ between settled levels while the loss sits on a plateau
   (:class:`~lightning_devinterp.detection.detector.TransitionDetector`) is reported on its own (``"λ̂ change"``);
   within a drop, or shortly after it, it belongs to that drop's report, and while the loss is still settling (a
-  model converging from initialisation) λ̂ is expected to move and is not reported.
+  model converging from initialisation, or after a drop) λ̂ is expected to move and is not reported; the values
+  seen then do not form the level that later ones are compared with (w* was still moving).
 
 :attr:`TransitionEvidence.wants_dense_estimates` tells the monitor when to estimate more often: while the loss is
 leaving its plateau or falling, and while λ̂ has left its level without the change being confirmed.
@@ -38,6 +39,7 @@ class TransitionEvidence:
         self._episode: dict[str, Any] | None = None
         self._last_end: int | None = None
         self._last_healthy: tuple[int, float] | None = None
+        self._settling = True
 
     @property
     def wants_dense_estimates(self) -> bool:
@@ -65,6 +67,7 @@ class TransitionEvidence:
     def _end(self, loss_end: Transition) -> Transition:
         episode, self._episode = self._episode or {}, None
         self._last_end = loss_end.step
+        self._settling = True
         before, after = episode.get("llc_before"), self._last_healthy[1] if self._last_healthy is not None else None
         loss_words = f"loss {loss_end.before:.4g} -> {loss_end.after:.4g}"
         if before is None or after is None:
@@ -101,6 +104,11 @@ class TransitionEvidence:
                 self._episode["unhealthy"] += not healthy
         if self.llc is None:
             return None
+        if self._settling and self.loss is not None and self._episode is None:
+            # Until the loss first sits on a plateau (after initialisation or a drop) w* is still moving: the λ̂ seen
+            # then is no level to compare later values with, so the level starts over at each point.
+            self.llc.reset()
+            self._settling = not self.loss.on_plateau
         found = self.llc.update(step, value, std, healthy)
         if found is None:
             return None
@@ -115,6 +123,7 @@ class TransitionEvidence:
             if detector is not None:
                 detector.reset()
         self._episode, self._last_end, self._last_healthy = None, None, None
+        self._settling = True
 
     def reset_llc(self) -> None:
         """λ̂ is no longer comparable with what came before (the step size changed): start its series over."""
@@ -129,6 +138,7 @@ class TransitionEvidence:
             "episode": dict(self._episode) if self._episode is not None else None,
             "last_end": self._last_end,
             "last_healthy": list(self._last_healthy) if self._last_healthy is not None else None,
+            "settling": self._settling,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -139,3 +149,4 @@ class TransitionEvidence:
         self._episode = dict(state["episode"]) if state.get("episode") is not None else None
         self._last_end = state.get("last_end")
         self._last_healthy = tuple(state["last_healthy"]) if state.get("last_healthy") is not None else None  # type: ignore[assignment]
+        self._settling = state.get("settling", True)

@@ -4,7 +4,9 @@ The monitor sees the loss at every step. Its logarithm, smoothed by a running me
 compared with its value ``lag`` steps earlier: the *rate* ``R(t) = s(t - lag) - s(t)`` (log units; with the
 defaults, per 100 steps: 0.1 is a 10% fall). An onset needs three things at once:
 
-- ``R`` above ``drop``, and above ``noise_z`` times its own noise (so minibatch noise cannot pass for a fall);
+- ``R`` above ``drop``, and above ``noise_z`` times its own noise (so minibatch noise cannot pass for a fall), and
+  the smoothed log-loss now that far below the plateau's level too (a loss that only comes back down from a spike
+  above its plateau has not fallen);
 - a *plateau* shortly before it: a stretch of ``plateau_steps`` over which the smoothed log-loss stayed within a
   band of ``plateau`` (or its noise), ending at most :data:`LOOKBACK` lags before the fall's window (a fall that
   accelerates gradually after a long plateau counts), and ``R`` now at least :data:`CONTRAST` times that band
@@ -20,12 +22,17 @@ several ``scales`` k at once (window, lag and plateau times k, the same rate per
 shrinks as k^1.5 relative to the fall it measures, at the price of a later report.
 
 The fall *ends* when ``R`` (at the scale that reported) has stayed below half its threshold for half a lag; the
-next onset needs a new plateau. The noise of ``R`` is the larger of two estimates: the robust spread of
-successive log-losses (1.4826 x median absolute difference / √2) scaled to a ``window``-step running median
-(x 1.2533 / √window) and to a difference of two of them (x √2), which is right for independent minibatch noise;
-and the robust spread of ``R`` itself over its last :data:`RATE_HISTORY` lags outside transitions (the history
+next onset needs a new plateau, which may start a lag before ``R`` calmed (the loss had stopped falling there), so a
+stage that follows soon after another is seen. An onset's ``before`` is the plateau's level (the median of its
+smoothed values), ``after`` the smoothed loss now.
+
+The noise of ``R`` is the larger of two estimates: the robust spread of successive log-losses (1.4826 x median
+absolute difference / √2) scaled to a ``window``-step running median (x 1.2533 / √window) and to a difference of
+two of them (x √2), which is right for independent minibatch noise; and the robust spread of ``R`` itself over its last :data:`RATE_HISTORY` lags outside transitions (the history
 starts over after each), which also sees the slow wander of an optimizer such as Adam late in training
-(fluctuations that last tens of steps and do not average out).
+(fluctuations that last tens of steps and do not average out). A rate joins that history only once it shares no
+data with the rate being judged (``lag + window`` steps later), so a fall that begins slowly does not raise the
+noise it is judged against.
 
 The same rule, at scale 1 and without the noise guard, applied to the full-training-set loss, is how the
 transitions benchmark (``benchmarks/transitions``) defines its ground truth.
@@ -80,6 +87,7 @@ class _Scale:
         self.smoothed: deque[tuple[int, float]] = deque()
         self.rates: deque[tuple[int, float]] = deque()
         self.history: deque[float] = deque(maxlen=RATE_HISTORY * lag // self.stride)
+        self.pending: deque[tuple[int, float]] = deque()
         self._wander = 0.0
         self._added = 0
 
@@ -89,11 +97,22 @@ class _Scale:
         independent = spread * MEDIAN_EFFICIENCY / math.sqrt(self.window) * math.sqrt(2)
         return max(independent, self._wander)
 
-    def _remember(self, rate: float) -> None:
-        self.history.append(rate)
-        self._added += 1
-        if self._added % REFRESH == 0:
-            self._wander = robust_std(self.history) if len(self.history) >= 2 * self.lag // self.stride else 0.0
+    def _remember(self, step: int, rate: float) -> None:
+        """Keep a calm rate for the wander estimate, once it no longer shares data with the rate now measured (the
+        ``lag + window`` steps behind it): a fall that begins slowly must not raise the noise it is judged against."""
+        self.pending.append((step, rate))
+        while self.pending and self.pending[0][0] <= step - self.lag - self.window:
+            self.history.append(self.pending.popleft()[1])
+            self._added += 1
+            if self._added % REFRESH == 0:
+                self._wander = robust_std(self.history) if len(self.history) >= 2 * self.lag // self.stride else 0.0
+
+    def forget_rates(self) -> None:
+        """Start the rates and their history over (after a transition has ended)."""
+        self.rates.clear()
+        self.history.clear()
+        self.pending.clear()
+        self._wander = 0.0
 
     def add(self, step: int, log_value: float, calm: bool) -> float | None:
         """Add a log-loss; the current rate R, every ``stride`` steps once it can be computed. Only rates from
@@ -110,45 +129,50 @@ class _Scale:
             return None
         rate = earlier - smoothed
         if calm:
-            self._remember(rate)
+            self._remember(step, rate)
         self.rates.append((step, rate))
         while self.rates and self.rates[0][0] < step - self.lag:
             self.rates.popleft()
         return rate
 
-    def calmest_band(self, step: int, not_before: int) -> float | None:
+    def calmest_band(self, step: int, not_before: int) -> tuple[float, float] | None:
         """The narrowest band the smoothed log-loss stayed in over ``plateau_steps``, among stretches ending between
         ``LOOKBACK`` lags and zero before the fall's window (which starts ``lag`` before ``step``) and starting no
-        earlier than ``not_before`` (the end of the last transition); None until the series reaches back far enough."""
+        earlier than ``not_before`` (the end of the last transition), with that stretch's median level; None until
+        the series reaches back far enough."""
         points = list(self.smoothed)
         if not points or points[0][0] > step - self.lag - self.plateau_steps:
             return None
-        bands = []
+        bands: list[tuple[float, float]] = []
         for end in range(step - self.lag, step - (LOOKBACK + 1) * self.lag - 1, -self.stride):
             if end - self.plateau_steps < not_before:
                 break
             inside = [value for at, value in points if end - self.plateau_steps <= at <= end]
             if len(inside) >= 2 and points[0][0] <= end - self.plateau_steps + self.stride:
-                bands.append(max(inside) - min(inside))
+                bands.append((max(inside) - min(inside), median(inside)))
         return min(bands) if bands else None
 
-    def level(self, step: int) -> float:
-        """The smoothed log-loss ``lag`` steps before ``step`` (where a fall seen at ``step`` began)."""
-        return next(value for at, value in reversed(self.smoothed) if at <= step - self.lag)
-
-    def onset(self, step: int, rate: float, threshold: float, band_noise: float, signed: Any, not_before: int) -> bool:
-        """Whether ``rate`` at ``step`` is a fall after a plateau (see the module docstring): ``threshold`` is what
-        noise alone lets ``R`` reach, ``band_noise`` the band it lets a plateau span; the plateau must start no
-        earlier than ``not_before``."""
-        if signed(rate) <= max(self.drop, threshold):
-            return False
-        band = self.calmest_band(step, not_before)
-        return band is not None and band <= max(self.plateau, band_noise) and signed(rate) > max(self.drop, threshold, CONTRAST * band)
+    def onset(self, step: int, rate: float, threshold: float, band_noise: float, signed: Any, not_before: int) -> float | None:
+        """If ``rate`` at ``step`` is a fall after a plateau (see the module docstring), the plateau's level, else
+        None: ``threshold`` is what noise alone lets ``R`` reach, ``band_noise`` the band it lets a plateau span; the
+        plateau must start no earlier than ``not_before``. The fall must also take the loss that far below the
+        plateau's level, not merely back down from a spike above it."""
+        fast = max(self.drop, threshold)
+        if signed(rate) <= fast:
+            return None
+        calmest = self.calmest_band(step, not_before)
+        if calmest is None:
+            return None
+        band, plateau_level = calmest
+        below = plateau_level - self.smoothed[-1][1]
+        if band <= max(self.plateau, band_noise) and signed(rate) > max(fast, CONTRAST * band) and signed(below) > fast and below * rate > 0:
+            return plateau_level
+        return None
 
     def state(self) -> dict[str, Any]:
         return {
             "recent": list(self.recent), "smoothed": [list(p) for p in self.smoothed], "rates": [list(p) for p in self.rates],
-            "history": list(self.history),
+            "history": list(self.history), "pending": [list(p) for p in self.pending],
         }
 
     def load(self, state: dict[str, Any]) -> None:
@@ -158,6 +182,7 @@ class _Scale:
         self.rates = deque((int(s), float(v)) for s, v in state["rates"])
         self.history.clear()
         self.history.extend(state["history"])
+        self.pending = deque((int(s), float(r)) for s, r in state.get("pending", []))
         self._wander = robust_std(self.history) if len(self.history) >= 2 * self.lag // self.stride else 0.0
 
 
@@ -278,12 +303,13 @@ class LossDropDetector:
             rate = rates[self._onset["scale"]]
             return None if rate is None else self._follow(step, scale, rate)
         for index, (scale, rate) in enumerate(zip(self._scales, rates)):
-            if rate is not None and scale.onset(step, rate, self._threshold(scale), self._band_noise(scale), self._signed, self._not_before):
-                return self._begin(step, index, scale, rate)
+            level = None if rate is None else scale.onset(step, rate, self._threshold(scale), self._band_noise(scale), self._signed, self._not_before)
+            if level is not None:
+                return self._begin(step, index, scale, rate, level)
         return None
 
-    def _begin(self, step: int, index: int, scale: _Scale, rate: float) -> Transition:
-        level = scale.level(step)
+    def _begin(self, step: int, index: int, scale: _Scale, rate: float, level: float) -> Transition:
+        """An onset; ``before`` is the plateau's level, ``after`` the smoothed loss now."""
         self._onset = {"step": step, "scale": index, "level": level, "sign": 1.0 if rate > 0 else -1.0}
         self._calm_since = None
         noise = scale.noise(self._spread())
@@ -291,7 +317,7 @@ class LossDropDetector:
             step=step,
             metric=self.metric,
             before=math.exp(level),
-            after=math.exp(level - rate),
+            after=math.exp(scale.smoothed[-1][1]),
             score=rate / noise if noise > 0 else math.inf,
             direction="down" if rate > 0 else "up",
             reason=(
@@ -310,12 +336,12 @@ class LossDropDetector:
             self._calm_since = step
         if step - self._calm_since < scale.lag // 2:
             return None
+        # The rate has been calm since calm_since, so over the lag before it the loss had already stopped falling:
+        # the next plateau may start there, which lets a stage that follows soon after this one be seen.
+        self._not_before = self._calm_since - scale.lag
         onset, self._onset, self._calm_since = self._onset, None, None
-        self._not_before = step
         for each in self._scales:
-            each.rates.clear()
-            each.history.clear()
-            each._wander = 0.0
+            each.forget_rates()
         now = scale.smoothed[-1][1]
         change = onset["level"] - now
         noise = scale.noise(self._spread())

@@ -62,3 +62,26 @@ def test_adaptation_from_a_point_with_zero_gradient_stays_local():
 def test_adaptive_without_burn_in_is_a_clear_error():
     with pytest.raises(ValueError, match="burn-in"):
         estimate_llc(Potential(2), NO_DATA, lambda m, b: (m.w**2).sum(), batch_size=8, num_burnin_steps=1)
+
+
+def test_small_minibatches_do_not_heat_the_chains():
+    """A linear regression (10 inputs and a bias to 3 outputs, label noise 0.5) at its least-squares fit, sampled
+    with minibatches of 32: the Metropolis check cannot see the minibatch gradient noise, which alone led the
+    adaptation to a step where λ̂ was 2.3 times the exact value. The adapted step stays below the gradient-noise
+    ceiling, and λ̂ matches the exact SGLD formula for the data's curvatures at that step."""
+    generator = torch.Generator().manual_seed(10)
+    x = torch.randn(2000, 10, generator=generator)
+    y = x @ torch.randn(10, 3, generator=generator) + 0.5 * torch.randn(2000, 3, generator=generator)
+    inputs = torch.cat([x, torch.ones(2000, 1)], 1)
+    fit = torch.linalg.lstsq(inputs, y).solution
+    model = torch.nn.Linear(10, 3)
+    with torch.no_grad():
+        model.weight.copy_(fit[:10].T)
+        model.bias.copy_(fit[10])
+    result = estimate_llc(
+        model, TensorDataset(x, y), gaussian_nll, batch_size=32, epsilon="adaptive", num_chains=4, num_burnin_steps=200,
+        num_draws=400, seed=0,
+    )
+    curvatures = torch.linalg.eigvalsh(inputs.T @ inputs / 2000).tolist() * 3
+    expected = quadratic_sgld_llc(curvatures, result.nbeta, result.gamma, result.epsilon)
+    assert result.llc_mean == pytest.approx(expected, rel=0.1)

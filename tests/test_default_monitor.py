@@ -102,6 +102,17 @@ def test_the_step_is_readapted_when_the_landscape_sharpens_and_the_detector_is_t
     assert changed.result.acceptance_mean > 0.8  # the retry at the new step is what was recorded
 
 
+def test_the_step_adapted_at_a_random_initialisation_is_not_kept(tmp_path):
+    """An explicit schedule also estimates at step 0, where w* is a random initialisation: that estimate adapts a step
+    for itself, and the first estimate after training began adapts the one the run keeps (unmarked: no change)."""
+    monitor = LLCMonitor(every_n_steps=10, num_chains=4, num_draws=30, num_burnin_steps=20)
+    fit(tmp_path, Regressor(), monitor, 40)
+    first, *trained = monitor.history
+    assert first.step == 0 and len(trained) >= 3
+    assert {record.result.epsilon for record in trained} == {trained[0].result.epsilon} != {first.result.epsilon}
+    assert not any(record.epsilon_changed for record in trained)
+
+
 def test_a_change_of_step_size_starts_the_llc_series_over():
     """λ̂ at a new step size is not comparable with the old: the λ̂ detector forgets its level there."""
     evidence = TransitionEvidence(None, TransitionDetector())

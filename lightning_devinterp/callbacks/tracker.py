@@ -243,7 +243,8 @@ class LLCTracker:
         chain diverged or the acceptance fell below the health floor at the kept step size."""
         started = time.perf_counter()
         adapting = self.epsilon is None
-        previous_epsilon = self.history[-1].result.epsilon if self.history else None
+        trained = [record for record in self.history if record.step > 0]
+        previous_epsilon = trained[-1].result.epsilon if trained else None
         if adapting:
             shape = dataclasses.replace(shape, num_burnin_steps=max(shape.num_burnin_steps, ADAPTATION_BURNIN))
         may_readapt = not adapting and self.config.epsilon == "adaptive"
@@ -260,7 +261,9 @@ class LLCTracker:
             result, local = self._run(step, inputs, shape, "adaptive")
             adapting = True
         self._offsets = local.final_offsets if local is not None and not result.failed_chains else None
-        if adapting:
+        if adapting and step > 0:
+            # At step 0 w* is a random initialisation, whose curvature says little about the trained model's: the
+            # step adapted there serves that estimate only, and the first estimate after training began sets it.
             self.epsilon = result.epsilon
         if local is not None:
             total = time.perf_counter() - started

@@ -34,10 +34,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_map
 
 from lightning_devinterp._rng import preserved_rng_states
-from lightning_devinterp.sampling.adaptation import INITIAL_EPSILON, MAX_SEARCH, SEARCH_FACTOR, DualAveraging
+from lightning_devinterp.sampling.adaptation import INITIAL_EPSILON, MAX_SEARCH, SEARCH_FACTOR, DualAveraging, gradient_noise_ceiling
 from lightning_devinterp.sampling.config import SamplingConfig
 from lightning_devinterp.sampling.data import MinibatchSource
-from lightning_devinterp.sampling.kernels import Kernel, Params, make_kernel, mala_log_acceptance
+from lightning_devinterp.sampling.kernels import SGLD, Kernel, Params, make_kernel, mala_log_acceptance
 from lightning_devinterp.sampling.model_view import FunctionalLoss, LossFn, quiet_evaluation
 from lightning_devinterp.sampling.observables import Draw, MinibatchLoss, Observable
 from lightning_devinterp.sampling.params import resolve_groups, select_parameter_names
@@ -240,6 +240,7 @@ class _Chains:
         self.chain_losses = _vectorized(loss, config.compile) if self.vectorized else _sequential(loss, num_chains)
         self.anchor = {name: w.unsqueeze(0) for name, w in loss.anchor.items()}
         self.position = {name: a.repeat(num_chains, *([1] * (a.dim() - 1))) for name, a in self.anchor.items()}
+        self.started_at_anchor = offsets is None
         if offsets is not None:
             for name, w in self.position.items():
                 w.add_(offsets[name])
@@ -343,6 +344,23 @@ class _Chains:
         """Each chain's position relative to w*, zero where it is not finite."""
         return {name: torch.nan_to_num(w - self.anchor[name], nan=0.0, posinf=0.0, neginf=0.0) for name, w in self.position.items()}
 
+    def gradient_noise_ceiling(self, grads: Params, rows: slice, average: Callable[[float], float]) -> float:
+        """The step above which minibatch gradient noise heats plain SGLD's chains (see
+        :func:`~lightning_devinterp.sampling.adaptation.gradient_noise_ceiling`), from the spread of the gradients of
+        the chains in ``rows``, taken at w* on minibatches of their own, pooled over processes (every process takes
+        part in ``average``, even with a single chain); unbounded for other kernels, for fewer than two chains in
+        all, or when the chains did not start at w*."""
+        if not isinstance(self.kernel, SGLD) or not self.started_at_anchor:
+            return math.inf
+        freedom = rows.stop - rows.start - 1
+        spread = sum(float(g[rows].double().var(dim=0).sum()) for g in grads.values()) * freedom if freedom > 0 else 0.0
+        pooled_freedom = average(float(max(freedom, 0)))
+        if pooled_freedom <= 0:
+            return math.inf
+        variance = average(spread) / pooled_freedom
+        dimension = sum(w[0].numel() for w in self.position.values())
+        return gradient_noise_ceiling(variance, dimension, self.kernel.nbeta)
+
     def initial_epsilon(self, batch: Any, grads: Params, values: Tensor, adapting: slice) -> float:
         """A starting step for adaptation: scale by 4 until one step's mean acceptance (of the chains in
         ``adapting``) from w* crosses one half. Each trial draws its noise from a copy of the generator, so the
@@ -427,8 +445,9 @@ def _sample(
             grads, values = chains.gradients(batch, first=step == 0)
             adapting = step < adapting_steps
             if adapting and dual_averaging is None:
-                initial = average(chains.initial_epsilon(batch, grads, values, full))
-                dual_averaging = DualAveraging(initial, config.target_acceptance)
+                ceiling = chains.gradient_noise_ceiling(grads, full, average)
+                initial = min(average(chains.initial_epsilon(batch, grads, values, full)), ceiling)
+                dual_averaging = DualAveraging(initial, config.target_acceptance, ceiling=ceiling)
                 chains.with_epsilon(initial)
             if not adapting:
                 failed_at = torch.where((failed_at < 0) & ~torch.isfinite(values), step, failed_at)

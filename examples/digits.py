@@ -7,7 +7,7 @@ the checkpoint with the best validation accuracy; TensorBoard gets all of it.
 
 What to expect with the defaults (early stopping after about 25 epochs, 780 steps, about half a minute on a
 laptop CPU): best validation accuracy about 0.975; λ̂ negative and marked unhealthy for the first two estimates
-(w* is far from a minimum, so the chains keep descending), then between 10.5 and 13.5 from step 100 on. No
+(w* is far from a minimum, so the chains keep descending), 7.6 at step 100, then between 10.5 and 13.5. No
 transition is reported: the loss falls from initialisation without a plateau (an ordinary run, not a staged one),
 and λ̂ settles without shifting between levels. A table of estimates is printed at the end.
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_devinterp import Transition, TransitionDetector, TransitionMonitor, TransitionWarning, detect_transitions
+from lightning_devinterp import LLCMonitor, Transition, TransitionDetector, TransitionMonitor, TransitionWarning, detect_transitions
 from lightning_devinterp.detection.combined import TransitionEvidence
 from lightning_devinterp.detection.loss_drops import LossDropDetector
 from lightning_helpers import Regressor, make_trainer, regression_loader
@@ -329,6 +329,20 @@ def test_a_metric_that_is_never_logged_is_named_once(tmp_path):
         make_trainer(tmp_path, [monitor], max_epochs=2, max_steps=-1).fit(Regressor(), regression_loader())
     messages = [str(w.message) for w in caught if "never logged" in str(w.message)]
     assert len(messages) == 1 and "train_loss" in messages[0]
+
+
+def test_a_llc_series_is_not_called_missing_before_any_healthy_estimate(tmp_path):
+    """λ̂ reaches callback_metrics only with a healthy estimate, here after the first epochs (8 steps each): no
+    warning for the right name, one for a misspelled group once λ̂ metrics have appeared."""
+    right, wrong = TransitionMonitor(monitor="llc/mean"), TransitionMonitor(monitor="llc/atn/mean")
+    llc = LLCMonitor(every_n_steps=20, num_chains=2, num_draws=20, num_burnin_steps=20)
+    pl.seed_everything(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, [llc, right, wrong], max_epochs=6, max_steps=-1).fit(Regressor(), regression_loader())
+    assert any(record.healthy and record.step > 0 for record in llc.history)
+    missing = [str(w.message) for w in caught if "never logged" in str(w.message)]
+    assert len(missing) == 1 and "llc/atn/mean" in missing[0]
 
 
 def test_transition_is_a_small_frozen_record():

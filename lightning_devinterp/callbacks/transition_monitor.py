@@ -93,8 +93,12 @@ class TransitionMonitor(Callback):
         taken_at = trainer.callback_metrics.get("llc/step") if self.monitor.startswith("llc/") else None
         return int(taken_at) if taken_at is not None else trainer.global_step
 
-    def _warn_if_never_seen(self, trainer: pl.Trainer) -> None:
+    def _warn_if_never_seen(self, trainer: pl.Trainer, finished: bool) -> None:
+        """Warn once that the metric never appeared: at the end of an epoch, or for a λ̂ series (which appears only
+        with a healthy estimate) once some other λ̂ metric has, or when training ends."""
         if self._seen or self._warned_missing or trainer.fast_dev_run:
+            return
+        if not finished and self.monitor.startswith("llc/") and "llc/step" not in trainer.callback_metrics:
             return
         self._warned_missing = True
         logged = ", ".join(sorted(trainer.callback_metrics)) or "none"
@@ -110,11 +114,11 @@ class TransitionMonitor(Callback):
         self._observe(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._warn_if_never_seen(trainer)
+        self._warn_if_never_seen(trainer, finished=False)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._observe(trainer, pl_module)
-        self._warn_if_never_seen(trainer)
+        self._warn_if_never_seen(trainer, finished=True)
 
     def state_dict(self) -> dict[str, Any]:
         return {

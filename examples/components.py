@@ -15,12 +15,12 @@ columns of the output projection, built by ``head_groups``). They go to TensorBo
 What to expect with the defaults (1000 steps, an estimate every 100 steps with 4 chains of 100 draws per group, 7
 groups with the full model; 1 min 45 s on a 2-core CPU, almost all of it sampling):
 - the loss falls from 2.96 to about 0.9 without a plateau, so no loss-drop onset is reported;
-- attention's λ̂ climbs from 21 (step 100) to 202 (step 600) and then levels off, while both heads move their
+- attention's λ̂ climbs from 12 (step 100) to 201 (step 600) and then levels off, while both heads move their
   weight onto the previous token (mean weight on t-1 from 0.13 to 0.31 by step 600, 0.40 by step 1000; on t-2
-  0.12-0.19); the two heads' λ̂ climb together (13-14 -> 107-110 at the end);
-- the MLP's λ̂ follows a similar path (23 -> 180, then 168); the unembedding's rises first (39 at step 100, 63 at
-  step 400) and then falls back (39 at the end) as attention and MLP take over; the embeddings' grows slowly (3 -> 57);
-- the ``TransitionMonitor`` on ``llc/attn/mean`` reports the end of attention's climb at step 700 (108.8 -> 201.9,
+  0.12-0.19); the two heads' λ̂ climb together (7-8 -> 107-110 at the end);
+- the MLP's λ̂ follows a similar path (16 -> 180, then 168); the unembedding's rises first (25 at step 100, 61 at
+  step 400) and then falls back (39 at the end) as attention and MLP take over; the embeddings' grows slowly (2 -> 57);
+- the ``TransitionMonitor`` on ``llc/attn/mean`` reports the end of attention's climb at step 700 (104.8 -> 201.3,
   evidence "λ̂ change");
 - the step-0 estimate is unhealthy (w* is the random initialisation, not a minimum) and is marked so.
 

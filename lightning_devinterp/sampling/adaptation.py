@@ -7,7 +7,9 @@ Dual averaging is what Stan's and BlackJAX's warm-up use. With α_t the acceptan
     log ε̄_t = t^(-κ) log ε_t + (1 - t^(-κ)) log ε̄_{t-1}
 
 with μ = log(10 ε_0). Chains move with ε_t while adapting and with the averaged ε̄ afterwards, so draws are taken
-at one fixed step size. The defaults γ = 0.05, t0 = 10, κ = 0.75 are the paper's (§3.2).
+at one fixed step size. The defaults γ = 0.05, t0 = 10, κ = 0.75 are the paper's (§3.2). Both steps stay under a
+ceiling where minibatch gradient noise, which the acceptance cannot see, would heat the chains
+(:func:`gradient_noise_ceiling`).
 """
 
 from __future__ import annotations

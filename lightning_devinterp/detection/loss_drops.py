@@ -28,11 +28,11 @@ smoothed values), ``after`` the smoothed loss now.
 
 The noise of ``R`` is the larger of two estimates: the robust spread of successive log-losses (1.4826 x median
 absolute difference / √2) scaled to a ``window``-step running median (x 1.2533 / √window) and to a difference of
-two of them (x √2), which is right for independent minibatch noise; and the robust spread of ``R`` itself over its last :data:`RATE_HISTORY` lags outside transitions (the history
-starts over after each), which also sees the slow wander of an optimizer such as Adam late in training
-(fluctuations that last tens of steps and do not average out). A rate joins that history only once it shares no
-data with the rate being judged (``lag + window`` steps later), so a fall that begins slowly does not raise the
-noise it is judged against.
+two of them (x √2), which is right for independent minibatch noise; and the robust spread of ``R`` itself over its
+last :data:`RATE_HISTORY` lags outside transitions (the history starts over after each), which also sees the slow
+wander of an optimizer such as Adam late in training (fluctuations that last tens of steps and do not average
+out). A rate joins that history only once it shares no data with the rate being judged (``lag + window`` steps
+later), so a fall that begins slowly does not raise the noise it is judged against.
 
 The same rule, at scale 1 and without the noise guard, applied to the full-training-set loss, is how the
 transitions benchmark (``benchmarks/transitions``) defines its ground truth.

@@ -113,8 +113,9 @@ class LLCMonitor(Callback):
     Faults: an estimate that raises is reported as :class:`LLCEstimateWarning` and skipped (``on_error="warn"``;
     the same failure again only goes to the INFO log) or re-raised (``"raise"``). A monitor reused for a second
     ``fit`` starts a fresh history and keeps the first in ``previous_fits``; a resume continues the saved history,
-    also one saved under another configuration (a changed schedule) if it is the only one. Under DDP the chains are split across ranks and gathered, so every rank holds the
-    same history; sharded strategies (FSDP, DeepSpeed, ModelParallel) are rejected.
+    also one saved under another configuration (a changed schedule) if it is the only one. Under DDP the chains are
+    split across ranks and gathered, so every rank holds the same history; sharded strategies (FSDP, DeepSpeed,
+    ModelParallel) are rejected.
     """
 
     def __init__(

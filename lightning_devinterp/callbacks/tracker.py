@@ -243,8 +243,7 @@ class LLCTracker:
         chain diverged or the acceptance fell below the health floor at the kept step size."""
         started = time.perf_counter()
         adapting = self.epsilon is None
-        trained = [record for record in self.history if record.step > 0]
-        previous_epsilon = trained[-1].result.epsilon if trained else None
+        previous_epsilon = next((record.result.epsilon for record in reversed(self.history) if record.step > 0), None)
         if adapting:
             shape = dataclasses.replace(shape, num_burnin_steps=max(shape.num_burnin_steps, ADAPTATION_BURNIN))
         may_readapt = not adapting and self.config.epsilon == "adaptive"
@@ -298,8 +297,7 @@ class LLCTracker:
 
     def llc_marker(self) -> float | None:
         """Where a transition marker goes on the λ̂ chart: the latest healthy estimate's value (None before one)."""
-        healthy = [record for record in self.history if record.healthy]
-        return healthy[-1].llc_mean if healthy else None
+        return next((record.llc_mean for record in reversed(self.history) if record.healthy), None)
 
     def state_dict(self) -> dict[str, Any]:
         return {

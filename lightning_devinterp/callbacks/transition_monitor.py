@@ -27,11 +27,12 @@ class TransitionMonitor(Callback):
     between settled levels of a sparse series; pass ``detector=TransitionDetector(...)`` for any other metric logged
     rarely.
 
-    The metric is read after each optimizer step, after each validation run and at the end of training, once per step (a λ̂ series is
-    dated by ``llc/step``, the step its estimate was taken at). Only new values are
-    fed: a step where it was not logged, or where ``callback_metrics`` still holds the value last fed (a metric
-    logged every few steps or at validation), is skipped. If it was never logged by the end of the first epoch a
-    warning lists the metrics that were. Alerts are those of :class:`LLCMonitor`: a :class:`TransitionWarning` (also at INFO on the
+    The metric is read after each optimizer step, after each validation run and at the end of training, once per
+    step (a λ̂ series is dated by ``llc/step``, the step its estimate was taken at). Only new values are fed: a step
+    where it was not logged, or where ``callback_metrics`` still holds the value last fed (a metric logged every few
+    steps or at validation), is skipped. If it was never logged by the end of the first epoch (for a λ̂ series: by
+    the end of an epoch in which another λ̂ metric appeared, or of training) a warning lists the metrics that were.
+    Alerts are those of :class:`LLCMonitor`: a :class:`TransitionWarning` (also at INFO on the
     ``lightning_devinterp`` logger), a ``transitions/onset`` or ``transitions/end`` scalar and a TensorBoard text
     entry, an optional checkpoint and the ``on_transition(trainer, pl_module, transition)`` hook. Under DDP the
     detector sees the mean of the metric over ranks (one small all-reduce per step), so every rank decides alike.
@@ -51,8 +52,9 @@ class TransitionMonitor(Callback):
             raise TypeError(f"detector must be a LossDropDetector, a TransitionDetector or None, got {type(detector).__name__}.")
         check_callable("on_transition", on_transition, "on_transition(trainer, pl_module, transition)")
         self.monitor = monitor
+        self._llc_series = monitor.startswith("llc/")  # an LLCMonitor's λ̂: sparse, dated by llc/step, healthy only
         if detector is None:
-            detector = TransitionDetector(metric=monitor) if monitor.startswith("llc/") else LossDropDetector(metric=monitor, direction="both")
+            detector = TransitionDetector(metric=monitor) if self._llc_series else LossDropDetector(metric=monitor, direction="both")
         self.detector = detector
         self.on_transition = on_transition
         self.save_checkpoint = save_checkpoint
@@ -90,7 +92,7 @@ class TransitionMonitor(Callback):
     def _step_of(self, trainer: pl.Trainer) -> int:
         """The step the value belongs to: ``llc/step`` for a λ̂ series (estimates can be read a step after they are
         taken), the current step otherwise."""
-        taken_at = trainer.callback_metrics.get("llc/step") if self.monitor.startswith("llc/") else None
+        taken_at = trainer.callback_metrics.get("llc/step") if self._llc_series else None
         return int(taken_at) if taken_at is not None else trainer.global_step
 
     def _warn_if_never_seen(self, trainer: pl.Trainer, finished: bool) -> None:
@@ -98,7 +100,7 @@ class TransitionMonitor(Callback):
         with a healthy estimate) once some other λ̂ metric has, or when training ends."""
         if self._seen or self._warned_missing or trainer.fast_dev_run:
             return
-        if not finished and self.monitor.startswith("llc/") and "llc/step" not in trainer.callback_metrics:
+        if not finished and self._llc_series and "llc/step" not in trainer.callback_metrics:
             return
         self._warned_missing = True
         logged = ", ".join(sorted(trainer.callback_metrics)) or "none"

@@ -1,5 +1,6 @@
 """The detectors on synthetic series with known changes, and TransitionMonitor in a real fit."""
 
+import json
 import math
 import os
 import warnings
@@ -14,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lightning_devinterp import LLCMonitor, Transition, TransitionDetector, TransitionMonitor, TransitionWarning, detect_transitions
 from lightning_devinterp.detection.combined import TransitionEvidence
-from lightning_devinterp.detection.loss_drops import LossDropDetector
+from lightning_devinterp.detection.loss_drops import FIXED_DATA_METRIC, LossDropDetector
 from lightning_helpers import Regressor, make_trainer, regression_loader
 
 
@@ -210,6 +211,104 @@ def test_loss_detector_state_round_trip():
     second.load_state_dict(first.state_dict())
     tail = [second.update(s, v) for s, v in zip(steps[650:], losses[650:])]
     assert [e for e in head + tail if e is not None] == whole
+
+
+# ---- the loss on fixed data at each estimate (L(w*)) --------------------------------------------------------------
+
+def slow_fall(rng, start=1000, steps=2500, rate=0.12, noise=0.5):
+    """A plateau, then a fall of ``rate`` (log units) per 100 steps from ``start``: the minibatch loss under heavy
+    noise, and the noiseless loss on fixed data, as functions of the step."""
+    def exact(step):
+        return math.exp(-rate * max(step - start, 0) / 100)
+
+    t = np.arange(steps)
+    minibatch = np.exp(np.log([exact(step) for step in t]) + rng.normal(0, noise, steps))
+    return t.tolist(), minibatch.tolist(), exact
+
+
+def run_both(steps, minibatch, exact, every=100, detector=None):
+    """Feed the minibatch loss at every step and the fixed-data loss every ``every`` steps."""
+    detector = detector or LossDropDetector()
+    events = []
+    for step, value in zip(steps, minibatch):
+        events.append(detector.update(step, value))
+        if step % every == 0 and step > 0:
+            events.append(detector.update_fixed_data(step, exact(step)))
+    return [event for event in events if event is not None]
+
+
+def test_a_slow_fall_under_heavy_noise_is_reported_at_the_next_estimates_when_fixed_data_shows_it():
+    """12% per 100 steps under per-step log-noise 0.5: the minibatch loss alone needs hundreds of steps to see it,
+    the noiseless loss at the estimates about one interval. The onset says where its values come from, and the
+    minibatch loss, falling too, reports no second onset."""
+    rng = np.random.default_rng(5)
+    for _ in range(10):
+        steps, minibatch, exact = slow_fall(rng)
+        alone = [e.step for e in run_loss(steps, minibatch) if e.is_onset]
+        (onset,) = run_both(steps, minibatch, exact)
+        assert onset.is_onset and onset.metric == FIXED_DATA_METRIC and 1100 <= onset.step <= 1200
+        assert onset.before == pytest.approx(1.0) and onset.after < 0.9
+        assert not alone or alone[0] > onset.step + 100
+
+
+def test_the_fall_ends_when_the_fixed_data_loss_stops_falling():
+    rng = np.random.default_rng(6)
+    steps, minibatch, exact = slow_fall(rng, steps=3000)
+
+    def stops(step):
+        return exact(min(step, 1800))
+
+    onset, end = run_both(steps, minibatch, stops)
+    assert onset.step < 1300 and 1800 <= end.step <= 2000
+    assert end.before == pytest.approx(1.0) and end.after == pytest.approx(stops(1800))
+
+
+def test_a_pause_in_a_steadily_falling_loss_is_not_a_plateau():
+    """A loss falling 15% per 100 steps, pausing now and then and catching up after (as Adam's does late in
+    training): two estimates that agree are no plateau when the loss has kept falling that fast before them."""
+    decrements = [0.15] * 6 + [0.0, 0.3] + [0.15] * 5 + [0.0, 0.3] + [0.15] * 5
+    levels = np.exp(-np.cumsum(decrements))
+    detector = LossDropDetector()
+    events = [detector.update_fixed_data(100 * (i + 1), value) for i, value in enumerate(levels)]
+    assert [e for e in events if e is not None] == []
+
+
+def test_a_fixed_data_fall_after_a_plateau_asks_for_estimates_sooner():
+    detector = LossDropDetector()
+    for step in range(100, 600, 100):
+        detector.update_fixed_data(step, 1.0)
+    assert not detector.leaving_plateau
+    detector.update_fixed_data(600, 0.96)
+    assert detector.leaving_plateau
+
+
+def test_loss_detector_state_round_trip_with_fixed_data():
+    rng = np.random.default_rng(7)
+    steps, minibatch, exact = slow_fall(rng)
+    whole = run_both(steps, minibatch, exact)
+    first = LossDropDetector()
+    head = run_both(steps[:1150], minibatch[:1150], exact, detector=first)
+    second = LossDropDetector()
+    second.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    tail = run_both(steps[1150:], minibatch[1150:], exact, detector=second)
+    assert head + tail == whole
+
+
+def test_the_monitor_reports_a_fixed_data_onset_once_with_llc_before_and_after_at_its_end():
+    rng = np.random.default_rng(8)
+    steps, minibatch, exact = slow_fall(rng, steps=3000)
+    evidence = TransitionEvidence(LossDropDetector(), TransitionDetector())
+    reports = []
+    for step, value in zip(steps, minibatch):
+        found = evidence.observe_loss(step, value)
+        if step % 100 == 0 and step > 0:
+            llc = (5.0 if step < 1100 else 9.0) + 0.05 * math.sin(step)
+            found = found or evidence.observe_llc(step, llc, 0.05, fixed_loss=exact(min(step, 1800)))
+        if found is not None:
+            reports.append(found)
+    onset, end = reports
+    assert onset.metric == FIXED_DATA_METRIC and onset.evidence == "loss drop"
+    assert not end.is_onset and end.evidence == "both" and end.before == pytest.approx(5.0, abs=0.1)
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [({"plateau": 0.2}, "plateau"), ({"window": 0}, "window"), ({"direction": "up"}, "direction")])

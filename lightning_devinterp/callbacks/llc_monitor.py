@@ -102,7 +102,9 @@ class LLCMonitor(Callback):
 
     Transitions (:class:`~lightning_devinterp.detection.combined.TransitionEvidence`): the training loss at every
     step goes to ``loss_detector`` (a :class:`LossDropDetector` by default), whose onsets, a fall after a plateau,
-    are reported at once; each estimate goes to ``detector`` (a :class:`TransitionDetector`), whose shifts between
+    are reported at once; so does each estimate's L(w*), the loss on the monitor's data, which has no minibatch
+    noise and so shows a slow fall sooner (not when that data is a buffer of recent batches, which changes); each
+    estimate goes to ``detector`` (a :class:`TransitionDetector`), whose shifts between
     settled λ̂ levels are reported when no loss drop explains them, and each drop's end report gives λ̂ before and
     after it. Each report says which evidence fired. ``False`` turns either off. While a transition may be under
     way, the default schedule estimates every 25 steps if the budget has room, so transitions come with λ̂ points.
@@ -384,7 +386,7 @@ class LLCMonitor(Callback):
             report_epsilon(trainer, record, previous_epsilon)
         report_estimate(trainer, record)
         self._warn_once_if_unhealthy(record)
-        transition = self.tracker.detect(record)
+        transition = self.tracker.detect(record, fixed_data=not self.data.buffers_batches)
         if transition is not None:
             self._announce(trainer, pl_module, transition)
         self.schedule.record(time.perf_counter() - started)

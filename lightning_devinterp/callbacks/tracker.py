@@ -277,14 +277,16 @@ class LLCTracker:
         self.history.append(record)
         return record
 
-    def detect(self, record: LLCRecord) -> Transition | None:
-        """Feed an estimate to the evidence (with its standard error over chains); the transition reported, if any.
-        A change of step size shifts λ̂ without any change in the model, so λ̂'s series starts over at it."""
+    def detect(self, record: LLCRecord, fixed_data: bool = True) -> Transition | None:
+        """Feed an estimate to the evidence (with its standard error over chains, and L(w*) when the data it is
+        computed on is the same at every estimate, ``fixed_data``); the transition reported, if any. A change of step
+        size shifts λ̂ without any change in the model, so λ̂'s series starts over at it."""
         if record.epsilon_changed:
             self.evidence.reset_llc()
         alive = record.result.num_chains_used
         standard_error = record.llc_std / math.sqrt(alive) if alive > 1 else None
-        return self._keep(self.evidence.observe_llc(record.step, record.llc_mean, standard_error, healthy=record.healthy))
+        fixed_loss = record.result.init_loss if fixed_data else None
+        return self._keep(self.evidence.observe_llc(record.step, record.llc_mean, standard_error, record.healthy, fixed_loss))
 
     def observe_loss(self, step: int, loss: float) -> Transition | None:
         """Feed the training loss at ``step``; the onset or end of a loss drop, if one is reported."""

@@ -1,7 +1,8 @@
 """One stream of transition reports from two kinds of evidence: the training loss (dense) and λ̂ (sparse).
 
 - A fall of the training loss after a plateau (:class:`~lightning_devinterp.detection.loss_drops.LossDropDetector`)
-  is reported at once, as the onset of a transition (evidence ``"loss drop"``).
+  is reported at once, as the onset of a transition (evidence ``"loss drop"``): a fall of the minibatch loss, or
+  of the loss on the monitor's data at w* that comes with each estimate, whichever shows first.
 - When the fall ends, the end is reported with λ̂ before and after it: ``before`` is λ̂'s settled level before the
   onset, ``after`` the latest healthy estimate; the evidence is ``"both"`` when λ̂ moved by more than the λ̂
   detector's threshold (in its noise units and relative terms), else ``"loss drop"``. λ̂ going negative or
@@ -56,7 +57,10 @@ class TransitionEvidence:
         """Feed the training loss at ``step``; the onset or end of a loss drop, if one is reported."""
         if self.loss is None:
             return None
-        found = self.loss.update(step, loss)
+        return self._loss_report(self.loss.update(step, loss))
+
+    def _loss_report(self, found: Transition | None) -> Transition | None:
+        """Open the episode at a loss drop's onset; at its end, the report with λ̂ before and after."""
         if found is None:
             return None
         if found.is_onset:
@@ -94,8 +98,22 @@ class TransitionEvidence:
         scale = self.llc.scale() if self.llc.level is not None else self.llc.relative_floor * abs(before)
         return abs(after - before) >= max(self.llc.threshold * scale, self.llc.min_relative_change * abs(before))
 
-    def observe_llc(self, step: int, value: float, std: float | None = None, healthy: bool = True) -> Transition | None:
-        """Feed one λ̂ estimate; a λ̂-only transition, if one is reported (changes within a loss drop belong to it)."""
+    def observe_llc(
+        self, step: int, value: float, std: float | None = None, healthy: bool = True, fixed_loss: float | None = None
+    ) -> Transition | None:
+        """Feed one λ̂ estimate, with the loss on the sampler's fixed data at w* (``fixed_loss``, L(w*)) when that data
+        does not change between estimates; the onset or end of a loss drop seen on ``fixed_loss``, else a λ̂-only
+        transition, if one is reported (changes within a loss drop belong to it)."""
+        loss_found = self.loss.update_fixed_data(step, fixed_loss) if self.loss is not None and fixed_loss is not None else None
+        # An onset opens the episode before this estimate is seen (λ̂'s level before it is the one before the drop);
+        # an end is reported after it (the latest λ̂ is this one).
+        onset = self._loss_report(loss_found) if loss_found is not None and loss_found.is_onset else None
+        llc_found = self._observe_llc_value(step, value, std, healthy)
+        if onset is not None:
+            return onset
+        return self._loss_report(loss_found) if loss_found is not None else llc_found
+
+    def _observe_llc_value(self, step: int, value: float, std: float | None, healthy: bool) -> Transition | None:
         if math.isfinite(value):
             if healthy:
                 self._last_healthy = (step, value)

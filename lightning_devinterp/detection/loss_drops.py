@@ -34,6 +34,16 @@ wander of an optimizer such as Adam late in training (fluctuations that last ten
 out). A rate joins that history only once it shares no data with the rate being judged (``lag + window`` steps
 later), so a fall that begins slowly does not raise the noise it is judged against.
 
+A second, sparse series may come in through :meth:`LossDropDetector.update_fixed_data`: the loss on data that does
+not change between calls (the monitor's L(w*), its loss over the whole training set at each estimate). It has no
+minibatch noise, so a slow fall that the minibatch loss hides under its noise for hundreds of steps shows there
+at the first estimate after it starts. The same rule applies to it point by point, without smoothing or noise
+guard (the plateau's own band is its noise): a fall of more than ``drop`` over at least ``lag`` steps, below the
+level of a plateau whose band is at most ``plateau`` and ``CONTRAST`` times smaller than the fall. Either series
+may report the onset; the other then waits for the transition's end, which the series that reported it judges.
+Once the fixed-data loss has left its plateau by a quarter of ``drop``, :attr:`LossDropDetector.leaving_plateau`
+asks for estimates sooner, so the next one confirms the fall.
+
 The same rule, at scale 1 and without the noise guard, applied to the full-training-set loss, is how the
 transitions benchmark (``benchmarks/transitions``) defines its ground truth.
 """
@@ -75,6 +85,17 @@ of the cost at every step)."""
 MEDIAN_EFFICIENCY = 1.2533
 """The standard error of a median of n Gaussian values is this many times that of their mean (√(π/2))."""
 
+FIXED_NOISE_Z = 3.0
+"""How many robust standard deviations of its own calm rates a fall of the fixed-data loss must exceed."""
+
+FIXED_MIN_HISTORY = 4
+"""Calm rates of the fixed-data loss needed before they set a noise floor."""
+
+TWO_POINT_PENALTY = 2.0
+"""A plateau of the sparse fixed-data loss seen in only two points counts at this many times their difference."""
+
+FIXED_DATA_METRIC = "llc/init_loss"
+"""The name reports give the fixed-data loss: what :class:`~lightning_devinterp.LLCMonitor` logs L(w*) as."""
 
 
 class _Scale:
@@ -186,6 +207,92 @@ class _Scale:
         self._wander = robust_std(self.history) if len(self.history) >= 2 * self.lag // self.stride else 0.0
 
 
+class _FixedData:
+    """The fixed-data loss at sparse steps (log values), and the rule applied to it point by point."""
+
+    def __init__(self, lag: int, plateau_steps: int, drop: float, plateau: float) -> None:
+        self.lag, self.plateau_steps, self.drop, self.plateau = lag, plateau_steps, drop, plateau
+        self.points: deque[tuple[int, float]] = deque()
+        self.history: deque[float] = deque(maxlen=RATE_HISTORY)
+        self.pending: deque[tuple[int, float]] = deque()
+
+    def add(self, step: int, log_value: float) -> None:
+        """Add a point; earlier rates that share no steps with the newest one join the history of calm rates."""
+        self.points.append((step, log_value))
+        horizon = step - (LOOKBACK + 2) * self.lag - self.plateau_steps
+        while len(self.points) > 2 and self.points[1][0] <= horizon:
+            self.points.popleft()
+        while self.pending and self.pending[0][0] <= step - self.lag:
+            self.history.append(self.pending.popleft()[1])
+
+    def remember(self, rate: float | None) -> None:
+        """Keep the newest point's rate, judged calm (no transition under way), for the history."""
+        if rate is not None:
+            self.pending.append((self.points[-1][0], rate))
+
+    def forget_rates(self) -> None:
+        self.history.clear()
+        self.pending.clear()
+
+    def noise_floor(self) -> float:
+        """What the series' own calm rates let a fall reach: their median plus :data:`FIXED_NOISE_Z` robust
+        standard deviations (zero until :data:`FIXED_MIN_HISTORY` are known); infinite when their median exceeds
+        ``plateau``, since a loss that has kept falling that fast (Adam's, decaying in uneven steps) has no plateau
+        for a pause in it to be one."""
+        if len(self.history) < FIXED_MIN_HISTORY:
+            return 0.0
+        typical = median(self.history)
+        return math.inf if typical > self.plateau else typical + FIXED_NOISE_Z * robust_std(self.history)
+
+    def rate(self) -> float | None:
+        """The fall per ``lag`` steps from the latest point at least ``lag`` steps back to the newest one (over a
+        longer gap, scaled down to ``lag`` steps); None without such a point."""
+        step, value = self.points[-1]
+        earlier = next(((at, v) for at, v in reversed(self.points) if at <= step - self.lag), None)
+        if earlier is None:
+            return None
+        return (earlier[1] - value) * self.lag / max(step - earlier[0], self.lag)
+
+    def calmest_plateau(self, not_before: int) -> tuple[float, float, float] | None:
+        """The narrowest band (with its median level and lowest value) that the points stayed in over at least
+        ``plateau_steps``, among stretches ending at least ``lag`` before the newest point and at most ``LOOKBACK``
+        lags before that, and starting no earlier than ``not_before``; None if there is none."""
+        step = self.points[-1][0]
+        points = list(self.points)
+        plateaus = []
+        for index, (end, _) in enumerate(points):
+            if not step - (LOOKBACK + 1) * self.lag <= end <= step - self.lag:
+                continue
+            first = max((i for i in range(index + 1) if points[i][0] <= end - self.plateau_steps), default=None)
+            if first is None or points[first][0] < not_before:
+                continue
+            inside = [value for _, value in points[first : index + 1]]
+            # The range of n values grows with n: two that happen to agree (a loss that decays in steps, as Adam's
+            # does) show less of it than the plateau that three would show, so they count at twice their band.
+            spread = (max(inside) - min(inside)) * (TWO_POINT_PENALTY if len(inside) == 2 else 1.0)
+            plateaus.append((spread, median(inside), min(inside)))
+        return min(plateaus) if plateaus else None
+
+    def onset(self, not_before: int) -> float | None:
+        """The plateau's level if the newest point ends a fast fall after a plateau (see the module docstring)."""
+        rate, plateau = self.rate(), self.calmest_plateau(not_before)
+        if rate is None or plateau is None:
+            return None
+        band, level, _ = plateau
+        below = level - self.points[-1][1]
+        if band <= self.plateau and rate > max(self.drop, CONTRAST * band, self.noise_floor()) and below > self.drop:
+            return level
+        return None
+
+    def leaving(self, not_before: int) -> bool:
+        """True when the newest point lies a quarter of ``drop`` below the lowest value of a plateau before it (and
+        the series is one that has plateaus: see :meth:`noise_floor`)."""
+        plateau = self.calmest_plateau(not_before) if self.points else None
+        if plateau is None or plateau[0] > self.plateau or self.noise_floor() == math.inf:
+            return False
+        return self.points[-1][1] < plateau[2] - self.drop / 4
+
+
 class LossDropDetector:
     """Reports when a positive, dense series (a training loss) starts to fall fast after a plateau, and when the fall
     ends (see the module docstring). ``direction="both"`` also reports fast rises after a plateau (a metric that
@@ -241,6 +348,7 @@ class LossDropDetector:
         self._scales = [
             _Scale(self.window * k, self.lag * k, self.plateau_steps * k, self.drop * k, self.plateau * k) for k in self.scales
         ]
+        self._fixed = _FixedData(self.lag, self.plateau_steps, self.drop, self.plateau)
         self._onset: dict[str, Any] | None = None
         self._calm_since: int | None = None
         self._not_before = -(2**62)
@@ -253,9 +361,11 @@ class LossDropDetector:
     @property
     def leaving_plateau(self) -> bool:
         """True while, at the shortest scale, the loss falls at more than three quarters of the onset rate (and of its
-        noise threshold): a transition may be starting, or is under way."""
+        noise threshold), or the fixed-data loss has left its plateau: a transition may be starting, or is under way."""
         scale = self._scales[0]
-        return bool(scale.rates) and self._signed(scale.rates[-1][1]) > 0.75 * max(scale.drop, self._threshold(scale))
+        if bool(scale.rates) and self._signed(scale.rates[-1][1]) > 0.75 * max(scale.drop, self._threshold(scale)):
+            return True
+        return self.direction == "down" and self._fixed.leaving(self._not_before)
 
     @property
     def on_plateau(self) -> bool:
@@ -298,6 +408,8 @@ class LossDropDetector:
             self._since_spread += 1
         self._last = (int(step), log_value)
         rates = [scale.add(step, log_value, calm=self._onset is None) for scale in self._scales]
+        if self._onset is not None and self._onset["scale"] is None:
+            return None
         if self._onset is not None:
             scale = self._scales[self._onset["scale"]]
             rate = rates[self._onset["scale"]]
@@ -307,6 +419,56 @@ class LossDropDetector:
             if level is not None:
                 return self._begin(step, index, scale, rate, level)
         return None
+
+    def update_fixed_data(self, step: int, value: float) -> Transition | None:
+        """Add the loss on fixed data at ``step`` (sparse, free of minibatch noise: see the module docstring); return
+        an onset or an end :class:`Transition` (its metric :data:`FIXED_DATA_METRIC`), or None. Only falls are
+        judged on it; non-positive or non-finite values, and steps not after the last one, are ignored."""
+        value = float(value)
+        points = self._fixed.points
+        if not math.isfinite(value) or value <= 0 or (points and step <= points[-1][0]):
+            return None
+        self._fixed.add(int(step), math.log(value))
+        if self.direction != "down":
+            return None
+        if self._onset is None:
+            level = self._fixed.onset(self._not_before)
+            if level is None:
+                self._fixed.remember(self._fixed.rate())
+                return None
+            return self._begin_fixed(int(step), level)
+        if self._onset["scale"] is not None:
+            return None
+        rate = self._fixed.rate()
+        if rate is not None and rate >= self.drop / 2:
+            self._calm_since = None
+            return None
+        if self._calm_since is None:
+            self._calm_since = int(step)
+        if step - self._calm_since < self.lag // 2:
+            return None
+        return self._end(int(step), self._fixed.points[-1][1], self.lag, self._onset["band"], FIXED_DATA_METRIC)
+
+    def _begin_fixed(self, step: int, level: float) -> Transition:
+        """An onset seen on the fixed-data loss; ``before`` is its plateau's level, ``after`` its value now."""
+        now = self._fixed.points[-1][1]
+        band = self._fixed.calmest_plateau(self._not_before)[0]  # type: ignore[index]
+        self._onset = {"step": step, "scale": None, "level": level, "sign": 1.0, "band": band}
+        self._calm_since = None
+        rate = self._fixed.rate() or 0.0
+        return Transition(
+            step=step,
+            metric=FIXED_DATA_METRIC,
+            before=math.exp(level),
+            after=math.exp(now),
+            score=rate / band if band > 0 else math.inf,
+            direction="down",
+            reason=(
+                f"onset: the loss on the monitor's data at w* ({FIXED_DATA_METRIC}) fell by {1.0 - math.exp(now - level):.0%} "
+                f"below its plateau of at least {self.plateau_steps} steps"
+            ),
+            evidence="loss drop",
+        )
 
     def _begin(self, step: int, index: int, scale: _Scale, rate: float, level: float) -> Transition:
         """An onset; ``before`` is the plateau's level, ``after`` the smoothed loss now."""
@@ -336,18 +498,22 @@ class LossDropDetector:
             self._calm_since = step
         if step - self._calm_since < scale.lag // 2:
             return None
-        # The rate has been calm since calm_since, so over the lag before it the loss had already stopped falling:
-        # the next plateau may start there, which lets a stage that follows soon after this one be seen.
-        self._not_before = self._calm_since - scale.lag
+        return self._end(step, scale.smoothed[-1][1], scale.lag, scale.noise(self._spread()), self.metric)
+
+    def _end(self, step: int, now: float, lag: int, noise: float, metric: str) -> Transition:
+        """The end of the transition under way: its series (``metric``, ``now`` its latest log value) has been calm
+        since ``_calm_since``, so over the ``lag`` before that the loss had already stopped falling: the next plateau
+        may start there, which lets a stage that follows soon after this one be seen."""
+        assert self._onset is not None and self._calm_since is not None
+        self._not_before = self._calm_since - lag
         onset, self._onset, self._calm_since = self._onset, None, None
         for each in self._scales:
             each.forget_rates()
-        now = scale.smoothed[-1][1]
+        self._fixed.forget_rates()
         change = onset["level"] - now
-        noise = scale.noise(self._spread())
         return Transition(
             step=step,
-            metric=self.metric,
+            metric=metric,
             before=math.exp(onset["level"]),
             after=math.exp(now),
             score=abs(change) / noise if noise > 0 else math.inf,
@@ -361,6 +527,9 @@ class LossDropDetector:
             "last": list(self._last) if self._last is not None else None,
             "differences": list(self._differences),
             "scales": [scale.state() for scale in self._scales],
+            "fixed": [list(p) for p in self._fixed.points],
+            "fixed_history": list(self._fixed.history),
+            "fixed_pending": [list(p) for p in self._fixed.pending],
             "onset": dict(self._onset) if self._onset is not None else None,
             "calm_since": self._calm_since,
             "not_before": self._not_before,
@@ -372,6 +541,9 @@ class LossDropDetector:
         self._differences.extend(state["differences"])
         for scale, saved in zip(self._scales, state["scales"]):
             scale.load(saved)
+        self._fixed.points.extend((int(s), float(v)) for s, v in state.get("fixed", []))
+        self._fixed.history.extend(state.get("fixed_history", []))
+        self._fixed.pending.extend((int(s), float(r)) for s, r in state.get("fixed_pending", []))
         self._onset = dict(state["onset"]) if state["onset"] is not None else None
         self._calm_since = state["calm_since"]
         self._not_before = state["not_before"]

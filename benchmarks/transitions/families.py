@@ -215,11 +215,18 @@ FRESH_SEEDS = range(12, 24)
 once after the second round: a held-out set nobody looked into run by run."""
 
 
+LATEST_SEEDS = range(36, 48)
+"""Seeds recorded before the third round of defaults (the fixed-data loss) and scored only in aggregate, after it."""
+
+
 def split(seed: int) -> str:
     """Which part of the benchmark a seed belongs to. Defaults are tuned on the even seeds below 12 and on seeds 24
-    and up (recorded for a second round of tuning); the odd seeds below 12 and the :data:`FRESH_SEEDS` are held out."""
+    to 35 (recorded for a second round of tuning); the odd seeds below 12, the :data:`FRESH_SEEDS` and the
+    :data:`LATEST_SEEDS` are held out."""
     if seed in FRESH_SEEDS:
         return "fresh"
+    if seed in LATEST_SEEDS:
+        return "latest"
     if seed >= FRESH_SEEDS.stop:
         return "tuning"
     return "held-out" if seed % 2 else "tuning"

@@ -1,9 +1,9 @@
 """The transitions benchmark, in one command: record the runs (once; cached), replay the monitor's detection,
-and print recall, false reports, latency and impossible values per family, separately for the tuning seeds, the
-held-out seeds and the fresh seeds (see ``families.split``). See families.py for the runs, ground_truth.py for
-what counts as a transition, score.py for the metrics.
+and print recall, false reports, latency and impossible values per family, separately for the tuning seeds and the
+three held-out sets (see ``families.split``). See families.py for the runs, ground_truth.py for what counts as a
+transition, score.py for the metrics.
 
-    python benchmarks/transitions/run.py [--seeds 24] [--families dln tms parity linear ...] [--jobs 2]
+    python benchmarks/transitions/run.py [--seeds 48] [--families dln tms parity linear ...] [--jobs 2]
 """
 
 from __future__ import annotations
@@ -33,24 +33,25 @@ def _record(spec_args: tuple[str, int]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=24, help="seeds per family: 0 .. seeds-1 (see families.split)")
+    parser.add_argument("--seeds", type=int, default=48, help="seeds per family: 0 .. seeds-1 (see families.split)")
     parser.add_argument("--families", nargs="+", default=[*FAMILIES, *CONTROLS], choices=list(BUILDERS))
     parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1)))
     parser.add_argument("--baseline", type=int, default=100, help="steps between the baseline estimates")
     parser.add_argument("--no-densify", action="store_true", help="no extra estimates around transitions")
+    parser.add_argument("--no-fixed-loss", action="store_true", help="without L(w*), the loss on the monitor's fixed data")
     args = parser.parse_args()
     runs = [(spec.family, spec.seed) for spec in specs(args.families, range(args.seeds))]
     with ProcessPoolExecutor(args.jobs) as pool:
         recorded = list(pool.map(_record, runs))
     print(f"{'family':<10} {'split':<9} {'runs':>4} {'episodes':>8} {'recall':>7} {'false/run':>9} {'latency':>8} {'impossible':>10}")
     for family in args.families:
-        for part in ("tuning", "held-out", "fresh"):
+        for part in ("tuning", "held-out", "fresh", "latest"):
             chosen = [series for series in recorded if series["family"] == family and split(series["seed"]) == part]
             if not chosen:
                 continue
             total = Score()
             for series in chosen:
-                total.add(score_run(series, baseline=args.baseline, densify=not args.no_densify))
+                total.add(score_run(series, baseline=args.baseline, densify=not args.no_densify, fixed_loss=not args.no_fixed_loss))
             print(f"{family:<10} {part:<9} {total.row()}")
 
 

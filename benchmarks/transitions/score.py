@@ -3,6 +3,10 @@
 The replay is what ``LLCMonitor()`` does online: the minibatch loss at every step goes to
 :class:`~lightning_devinterp.detection.combined.TransitionEvidence`, and λ̂ estimates arrive every ``baseline``
 steps (from step ``baseline`` on), plus every 25 steps while the evidence asks for dense estimates (densify).
+Each estimate comes with L(w*), the loss on the monitor's data, which for these runs (whose data fits the
+monitor's cache) is the loss over the whole training set: the replay takes the full-set loss recorded at or
+before the estimate's step (every 10 steps, so up to 5 steps stale at the dense steps: never earlier than the
+monitor's). ``fixed_loss=False`` replays without it.
 
 Metrics per family, for reports (onsets) only:
 - recall: an episode counts as found when a report of its own (each report serves one episode) lies between its
@@ -23,7 +27,7 @@ from families import CONTROLS
 from ground_truth import Episode, episodes
 from lightning_devinterp.detection.combined import TransitionEvidence
 from lightning_devinterp.detection.detector import Transition, TransitionDetector
-from lightning_devinterp.detection.loss_drops import LossDropDetector
+from lightning_devinterp.detection.loss_drops import FIXED_DATA_METRIC, LossDropDetector
 from record import GRID
 
 RECALL_BEFORE = 100
@@ -36,6 +40,7 @@ def replay(
     densify: bool = True,
     loss_settings: dict[str, Any] | None = None,
     llc_settings: dict[str, Any] | None = None,
+    fixed_loss: bool = True,
 ) -> tuple[list[Transition], list[tuple[int, float]]]:
     """The reports the monitor would make on this run, and the (step, λ̂) points it would have seen. Settings
     (``None`` for a detector turns it off) default to the detectors' defaults."""
@@ -44,6 +49,7 @@ def replay(
         TransitionDetector(**llc_settings) if llc_settings is not None else None,
     )
     estimates = {entry["step"]: entry for entry in series["llc"]}
+    full_loss = sorted(series["full_loss"])
     reports: list[Transition] = []
     seen: list[tuple[int, float]] = []
     last = -math.inf
@@ -62,7 +68,8 @@ def replay(
                 epsilon_changed = False
             seen.append((step, entry["mean"]))
             standard_error = entry["std"] / math.sqrt(entry["chains"]) if entry["chains"] > 1 and math.isfinite(entry["std"]) else None
-            found = evidence.observe_llc(step, entry["mean"], standard_error, entry["healthy"])
+            at_w_star = next((value for at, value in reversed(full_loss) if at <= step), None) if fixed_loss else None
+            found = evidence.observe_llc(step, entry["mean"], standard_error, entry["healthy"], fixed_loss=at_w_star)
             if found is not None:
                 reports.append(found)
     return reports, seen
@@ -107,7 +114,7 @@ def score_run(series: dict[str, Any], **replay_kwargs: Any) -> Score:
     result.false = len(unused)
     losses = series["minibatch_loss"]
     for report in onsets:
-        shown = [v for s, v in (losses if report.metric == "train_loss" else seen) if s <= report.step]
+        shown = [v for s, v in {"train_loss": losses, FIXED_DATA_METRIC: series["full_loss"]}.get(report.metric, seen) if s <= report.step]
         if shown and not (min(shown) - 1e-9 <= report.before <= max(shown) + 1e-9):
             result.impossible += 1
     return result

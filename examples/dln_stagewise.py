@@ -8,9 +8,10 @@ What to expect with the defaults (5000 steps, estimates every 100 steps, about 2
 - loss plateaus near 11.7, 2.3 and 0.5, with drops around steps 1100, 2300 and 4500;
 - λ̂ is strongly negative (and marked unhealthy) on the plateaus: SGLD started at a saddle keeps descending, the
   GUIDE's signature of a model that is about to move; it turns positive only once the last mode is learnt;
-- the monitor reports each drop when the training loss starts to fall after its plateau (with the default seed:
-  onsets at 1040, 2210 and 4170) and its end once the fall has calmed (1420 and 2705; the third fall is still
-  settling when training stops). The ends carry the loss before and after; λ̂ had no healthy level to compare;
+- the monitor reports each drop when the loss starts to fall after its plateau (with the default seed: onsets at
+  1000, seen on the loss over the training set at an estimate, ``llc/init_loss``, and at 2195 and 4170, seen on
+  the minibatch loss first) and its end once the fall has calmed (1500 and 2705; the third fall is still settling
+  when training stops). The ends carry the loss before and after; λ̂ had no healthy level to compare;
 - at the end a longer estimate at the GUIDE's reference settings (gamma = 1) is printed beside Aoyagi's value
   for a rank-3 8-8-8 network (29): 25.5 ± 1.8. It lands below: the network is close to, not at, the teacher.
 

@@ -17,6 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_devinterp import LLCEstimateWarning, LLCMonitor, TransitionDetector
+from lightning_devinterp.detection.loss_drops import LossDropDetector
 from lightning_helpers import QUICK, AtMinimum, Regressor, make_trainer, regression_loader
 from models import gaussian_nll
 
@@ -204,6 +205,31 @@ def test_iterable_training_data_uses_a_buffer_of_recent_batches(tmp_path):
     assert monitor.history[0].result.num_samples == 32
     assert monitor.history[-1].result.num_samples == 3 * 32
     assert monitor.history[-1].result.nbeta == 50.0
+
+
+class FixedDataSeen(LossDropDetector):
+    """A loss-drop detector that remembers the fixed-data losses it was given."""
+
+    def reset(self):
+        super().reset()
+        self.fixed_seen = []
+
+    def update_fixed_data(self, step, value):
+        self.fixed_seen.append((step, value))
+        return super().update_fixed_data(step, value)
+
+
+def test_each_estimates_loss_at_w_star_feeds_the_loss_detector_unless_the_data_is_a_buffer(tmp_path):
+    """L(w*) is a noiseless loss series only when the monitor's data is the same at every estimate: map-style data
+    is, a buffer of the latest batches of a stream is not."""
+    fixed = FixedDataSeen()
+    monitor = LLCMonitor(every_n_steps=4, loss_detector=fixed, **QUICK)
+    train(tmp_path, [monitor], max_steps=8)
+    assert fixed.fixed_seen == [(r.step, r.result.init_loss) for r in monitor.history] and len(fixed.fixed_seen) == 3
+    buffered = FixedDataSeen()
+    stream = DataLoader(Stream(regression_loader()), batch_size=32)
+    train(tmp_path, [LLCMonitor(every_n_steps=4, nbeta=50.0, buffer_size=3, loss_detector=buffered, **QUICK)], loader=stream, max_steps=8)
+    assert buffered.fixed_seen == []
 
 
 def test_iterable_training_data_without_nbeta_is_a_clear_error(tmp_path):

@@ -311,6 +311,24 @@ def test_the_monitor_reports_a_fixed_data_onset_once_with_llc_before_and_after_a
     assert not end.is_onset and end.evidence == "both" and end.before == pytest.approx(5.0, abs=0.1)
 
 
+def test_a_drop_with_no_healthy_llc_before_it_ends_with_llc_now():
+    """On a saddle λ̂ is negative and unhealthy until the drop: the end has no λ̂ before to compare, so it says
+    where λ̂ is now."""
+    rng = np.random.default_rng(9)
+    steps, minibatch, exact = slow_fall(rng, steps=3000)
+    evidence = TransitionEvidence(LossDropDetector(), TransitionDetector())
+    reports = []
+    for step, value in zip(steps, minibatch):
+        found = evidence.observe_loss(step, value)
+        if step % 100 == 0 and step > 0:
+            healthy = step >= 1300
+            found = found or evidence.observe_llc(step, 9.0 if healthy else -2.0, 0.05, healthy=healthy, fixed_loss=exact(min(step, 1800)))
+        if found is not None:
+            reports.append(found)
+    onset, end = reports
+    assert end.metric == FIXED_DATA_METRIC and "λ̂ now 9, with no healthy estimate before the onset" in end.reason
+
+
 @pytest.mark.parametrize(("kwargs", "match"), [({"plateau": 0.2}, "plateau"), ({"window": 0}, "window"), ({"direction": "up"}, "direction")])
 def test_bad_loss_detector_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

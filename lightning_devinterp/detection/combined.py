@@ -20,6 +20,7 @@ leaving its plateau or falling, and while λ̂ has left its level without the ch
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -74,6 +75,9 @@ class TransitionEvidence:
         self._settling = True
         before, after = episode.get("llc_before"), self._last_healthy[1] if self._last_healthy is not None else None
         loss_words = f"loss {loss_end.before:.4g} -> {loss_end.after:.4g}"
+        if after is not None and before is None:
+            # λ̂ had no healthy level before the onset (w* at a saddle, or the loss still settling): say where it is now.
+            return dataclasses.replace(loss_end, reason=f"{loss_end.reason}; λ̂ now {after:.4g}, with no healthy estimate before the onset to compare")
         if before is None or after is None:
             return loss_end
         lowest, unhealthy = episode["lowest"], episode["unhealthy"]

@@ -37,10 +37,13 @@ later), so a fall that begins slowly does not raise the noise it is judged again
 A second, sparse series may come in through :meth:`LossDropDetector.update_fixed_data`: the loss on data that does
 not change between calls (the monitor's L(w*), its loss over the whole training set at each estimate). It has no
 minibatch noise, so a slow fall that the minibatch loss hides under its noise for hundreds of steps shows there
-at the first estimate after it starts. The same rule applies to it point by point, without smoothing or noise
-guard (the plateau's own band is its noise): a fall of more than ``drop`` over at least ``lag`` steps, below the
-level of a plateau whose band is at most ``plateau`` and ``CONTRAST`` times smaller than the fall. Either series
-may report the onset; the other then waits for the transition's end, which the series that reported it judges.
+at the first estimate after it starts. The same rule applies to it point by point, without smoothing: a fall of
+more than ``drop`` over at least ``lag`` steps, below the level of a plateau whose band is at most ``plateau``
+(two points count at :data:`TWO_POINT_PENALTY` times their difference) and ``CONTRAST`` times smaller than the
+fall. Its noise is that of the weights, not of minibatches, and shows in the series' own calm rates: the fall must
+also exceed their median plus :data:`FIXED_NOISE_Z` robust standard deviations, and a series whose calm rates have
+a median above ``plateau`` (a loss that keeps falling, as Adam's does late in training, in uneven steps whose
+pauses are no plateaus) is not judged at all. Either series may report the onset; the other then waits for the transition's end, which the series that reported it judges.
 Once the fixed-data loss has left its plateau by a quarter of ``drop``, :attr:`LossDropDetector.leaving_plateau`
 asks for estimates sooner, so the next one confirms the fall.
 
@@ -273,15 +276,16 @@ class _FixedData:
             plateaus.append((spread, median(inside), min(inside)))
         return min(plateaus) if plateaus else None
 
-    def onset(self, not_before: int) -> float | None:
-        """The plateau's level if the newest point ends a fast fall after a plateau (see the module docstring)."""
+    def onset(self, not_before: int) -> tuple[float, float] | None:
+        """The plateau's band and level if the newest point ends a fast fall after a plateau (see the module
+        docstring), else None."""
         rate, plateau = self.rate(), self.calmest_plateau(not_before)
         if rate is None or plateau is None:
             return None
         band, level, _ = plateau
         below = level - self.points[-1][1]
         if band <= self.plateau and rate > max(self.drop, CONTRAST * band, self.noise_floor()) and below > self.drop:
-            return level
+            return band, level
         return None
 
     def leaving(self, not_before: int) -> bool:
@@ -432,11 +436,11 @@ class LossDropDetector:
         if self.direction != "down":
             return None
         if self._onset is None:
-            level = self._fixed.onset(self._not_before)
-            if level is None:
+            plateau = self._fixed.onset(self._not_before)
+            if plateau is None:
                 self._fixed.remember(self._fixed.rate())
                 return None
-            return self._begin_fixed(int(step), level)
+            return self._begin_fixed(int(step), *plateau)
         if self._onset["scale"] is not None:
             return None
         rate = self._fixed.rate()
@@ -449,10 +453,9 @@ class LossDropDetector:
             return None
         return self._end(int(step), self._fixed.points[-1][1], self.lag, self._onset["band"], FIXED_DATA_METRIC)
 
-    def _begin_fixed(self, step: int, level: float) -> Transition:
+    def _begin_fixed(self, step: int, band: float, level: float) -> Transition:
         """An onset seen on the fixed-data loss; ``before`` is its plateau's level, ``after`` its value now."""
         now = self._fixed.points[-1][1]
-        band = self._fixed.calmest_plateau(self._not_before)[0]  # type: ignore[index]
         self._onset = {"step": step, "scale": None, "level": level, "sign": 1.0, "band": band}
         self._calm_since = None
         rate = self._fixed.rate() or 0.0

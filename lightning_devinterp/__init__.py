@@ -5,7 +5,8 @@ import logging
 from lightning_devinterp.callbacks.llc_monitor import LLCEstimateWarning, LLCMonitor
 from lightning_devinterp.callbacks.tracker import LLCRecord
 from lightning_devinterp.callbacks.transition_monitor import TransitionMonitor
-from lightning_devinterp.detection.detector import Transition, TransitionDetector, TransitionWarning, detect_transitions
+from lightning_devinterp.detection.combined import detect_transitions
+from lightning_devinterp.detection.detector import Transition, TransitionDetector, TransitionWarning
 from lightning_devinterp.sampling.calibration import CalibrationChoice, CalibrationResult, calibrate
 from lightning_devinterp.sampling.config import SamplingConfig
 from lightning_devinterp.sampling.estimate import estimate_llc

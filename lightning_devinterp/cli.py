@@ -15,7 +15,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_devinterp.detection.detector import Transition, detect_transitions
+from lightning_devinterp.detection.combined import detect_transitions
+from lightning_devinterp.detection.detector import Transition
 from lightning_devinterp.sampling.config import ESTIMATE_DEFAULTS, SamplingConfig
 from lightning_devinterp.sampling.model_view import training_step_loss
 from lightning_devinterp.sampling.result import LLCEstimationError
@@ -285,7 +286,13 @@ def analyze(
             handle.flush()
     with csv_path.open() as handle:
         rows = sorted(csv.DictReader(handle), key=lambda row: int(row["step"]))
-    transitions = detect_transitions([int(r["step"]) for r in rows], [float(r["llc_mean"]) for r in rows], metric="llc/mean")
+    transitions = detect_transitions(
+        [int(r["step"]) for r in rows],
+        [float(r["llc_mean"]) for r in rows],
+        metric="llc/mean",
+        healthy=[r["healthy"] == "True" for r in rows],
+        fixed_losses=[float(r["init_loss"]) for r in rows],
+    )
     return rows, transitions
 
 
@@ -308,7 +315,7 @@ def _analyze_command(args: argparse.Namespace) -> int:
     print(f"{len(rows)} estimates in {csv_path}")
     transitions_path = csv_path.with_name(csv_path.stem + "_transitions.csv")
     with transitions_path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["step", "metric", "before", "after", "score", "direction", "reason"])
+        writer = csv.DictWriter(handle, fieldnames=[field.name for field in dataclasses.fields(Transition)])
         writer.writeheader()
         for transition in transitions:
             writer.writerow(dataclasses.asdict(transition))

@@ -3,11 +3,13 @@
 import csv
 import struct
 import sys
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from torch.utils.data import DataLoader
 
 from lightning_devinterp import LLCMonitor
 from lightning_devinterp.cli import main, plot_runs
@@ -175,3 +177,31 @@ def test_a_run_with_groups_gets_a_second_panel(tmp_path):
         return struct.unpack(">I", path.read_bytes()[20:24])[0]
 
     assert height(grouped) == 2 * height(plain)
+
+
+def staged_loader():
+    """The stage-wise example's teacher data, for ``analyze --data``."""
+    from dln_stagewise import teacher_data
+
+    return DataLoader(teacher_data(), batch_size=100)
+
+
+@pytest.mark.slow
+def test_analyze_reports_a_loss_drop_between_checkpoints_from_their_loss_at_w_star(tmp_path, capsys, monkeypatch):
+    """A deep linear network's first mode is learnt around step 1100: from checkpoints every 100 steps, analyze sees
+    the drop in L(w*) (the loss over the data at each checkpoint), as the monitor would, and writes the report."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "examples"))
+    from dln_stagewise import DeepLinearNetwork
+
+    pl.seed_everything(0)
+    checkpoints = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=100, save_top_k=-1)
+    trainer = make_trainer(tmp_path, [checkpoints], enable_checkpointing=True, max_steps=1600)
+    trainer.fit(DeepLinearNetwork(), staged_loader())
+    table = tmp_path / "llc.csv"
+    arguments = ["--module", "dln_stagewise:DeepLinearNetwork", "--data", "test_cli_tool:staged_loader", "--num-draws", "20", "--num-burnin-steps", "10"]
+    assert main(["analyze", str(tmp_path / "ckpt"), *arguments, "-o", str(table), "--no-plot"]) == 0
+    with (tmp_path / "llc_transitions.csv").open() as handle:
+        reports = list(csv.DictReader(handle))
+    onset = reports[0]
+    assert onset["metric"] == "llc/init_loss" and onset["evidence"] == "loss drop" and 900 <= int(onset["step"]) <= 1300
+    assert "onset" in onset["reason"] and f"possible phase transition at step {onset['step']}" in capsys.readouterr().out

@@ -329,6 +329,31 @@ def test_a_drop_with_no_healthy_llc_before_it_ends_with_llc_now():
     assert end.metric == FIXED_DATA_METRIC and "λ̂ now 9, with no healthy estimate before the onset" in end.reason
 
 
+def test_offline_detection_with_the_losses_makes_the_monitors_reports():
+    """detect_transitions given the training loss and L(w*) runs the monitor's evidence in the monitor's order, so
+    post-hoc analysis of a run and the alerts during it agree report for report."""
+    rng = np.random.default_rng(10)
+    steps, minibatch, exact = slow_fall(rng, steps=3000)
+    estimates = list(range(100, 3000, 100))
+    llc = [(5.0 if step < 1100 else 9.0) + 0.05 * math.sin(step) for step in estimates]
+    fixed = [exact(min(step, 1800)) for step in estimates]
+    evidence = TransitionEvidence(LossDropDetector(), TransitionDetector(metric="llc/mean"))
+    online = []
+    for step, value in zip(steps, minibatch):
+        online.append(evidence.observe_loss(step, value))
+        if step in estimates:
+            index = estimates.index(step)
+            online.append(evidence.observe_llc(step, llc[index], 0.05, fixed_loss=fixed[index]))
+    online = [report for report in online if report is not None]
+    offline = detect_transitions(
+        estimates, llc, [0.05] * len(llc), metric="llc/mean", fixed_losses=fixed, training_losses=list(zip(steps, minibatch))
+    )
+    assert len(online) == 2 and offline == online
+    assert detect_transitions(estimates, llc, [0.05] * len(llc), metric="llc/mean", fixed_losses=fixed)[0].metric == FIXED_DATA_METRIC
+    with pytest.raises(ValueError, match="fixed_losses"):
+        detect_transitions(estimates, llc, fixed_losses=fixed[:-1])
+
+
 @pytest.mark.parametrize(("kwargs", "match"), [({"plateau": 0.2}, "plateau"), ({"window": 0}, "window"), ({"direction": "up"}, "direction")])
 def test_bad_loss_detector_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

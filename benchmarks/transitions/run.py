@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from families import BUILDERS, CONTROLS, FAMILIES, split, specs  # noqa: E402
-from score import Score, score_run  # noqa: E402
+from score import Score, agreement, score_run  # noqa: E402
 
 
 def _record(spec_args: tuple[str, int]) -> dict:
@@ -39,11 +39,17 @@ def main() -> None:
     parser.add_argument("--baseline", type=int, default=100, help="steps between the baseline estimates")
     parser.add_argument("--no-densify", action="store_true", help="no extra estimates around transitions")
     parser.add_argument("--no-fixed-loss", action="store_true", help="without L(w*), the loss on the monitor's fixed data")
+    parser.add_argument(
+        "--offline", action="store_true",
+        help="score post-hoc analysis instead (analyze over checkpoints every --baseline steps: λ̂ and L(w*), no training loss), "
+        "with the share of the monitor's onsets it also finds",
+    )
     args = parser.parse_args()
     runs = [(spec.family, spec.seed) for spec in specs(args.families, range(args.seeds))]
     with ProcessPoolExecutor(args.jobs) as pool:
         recorded = list(pool.map(_record, runs))
-    print(f"{'family':<10} {'split':<9} {'runs':>4} {'episodes':>8} {'recall':>7} {'false/run':>9} {'latency':>8} {'impossible':>10}")
+    agree = "  agree" if args.offline else ""
+    print(f"{'family':<10} {'split':<9} {'runs':>4} {'episodes':>8} {'recall':>7} {'false/run':>9} {'latency':>8} {'impossible':>10}{agree}")
     for family in args.families:
         for part in ("tuning", "held-out", "fresh", "latest"):
             chosen = [series for series in recorded if series["family"] == family and split(series["seed"]) == part]
@@ -51,8 +57,11 @@ def main() -> None:
                 continue
             total = Score()
             for series in chosen:
-                total.add(score_run(series, baseline=args.baseline, densify=not args.no_densify, fixed_loss=not args.no_fixed_loss))
-            print(f"{family:<10} {part:<9} {total.row()}")
+                total.add(score_run(series, post_hoc=args.offline, baseline=args.baseline, densify=not args.no_densify, fixed_loss=not args.no_fixed_loss))
+            if args.offline:
+                matched, online = (sum(pair) for pair in zip(*(agreement(series, args.baseline) for series in chosen)))
+                agree = f"  {matched}/{online}"
+            print(f"{family:<10} {part:<9} {total.row()}{agree}")
 
 
 if __name__ == "__main__":

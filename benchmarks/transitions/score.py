@@ -25,7 +25,7 @@ from typing import Any
 
 from families import CONTROLS
 from ground_truth import Episode, episodes
-from lightning_devinterp.detection.combined import TransitionEvidence
+from lightning_devinterp.detection.combined import TransitionEvidence, detect_transitions
 from lightning_devinterp.detection.detector import Transition, TransitionDetector
 from lightning_devinterp.detection.loss_drops import FIXED_DATA_METRIC, LossDropDetector
 from record import GRID
@@ -68,11 +68,38 @@ def replay(
                 epsilon_changed = False
             seen.append((step, entry["mean"]))
             standard_error = entry["std"] / math.sqrt(entry["chains"]) if entry["chains"] > 1 and math.isfinite(entry["std"]) else None
-            at_w_star = next((value for at, value in reversed(full_loss) if at <= step), None) if fixed_loss else None
+            at_w_star = _loss_at(full_loss, step) if fixed_loss else None
             found = evidence.observe_llc(step, entry["mean"], standard_error, entry["healthy"], fixed_loss=at_w_star)
             if found is not None:
                 reports.append(found)
     return reports, seen
+
+
+def _loss_at(full_loss: list[tuple[int, float]], step: int) -> float | None:
+    """The full-set loss recorded at or before ``step`` (L(w*) at an estimate there)."""
+    return next((value for at, value in reversed(full_loss) if at <= step), None)
+
+
+def offline(series: dict[str, Any], baseline: int = 100) -> tuple[list[Transition], list[tuple[int, float]]]:
+    """What ``lightning-devinterp analyze`` reports from checkpoints every ``baseline`` steps: λ̂, its health and
+    L(w*) at each, no training loss and no denser estimates; and the (step, λ̂) points it saw."""
+    full_loss = sorted(series["full_loss"])
+    chosen = [entry for entry in series["llc"] if entry["step"] > 0 and entry["step"] % baseline == 0]
+    reports = detect_transitions(
+        [entry["step"] for entry in chosen],
+        [entry["mean"] for entry in chosen],
+        metric="llc/mean",
+        healthy=[entry["healthy"] for entry in chosen],
+        fixed_losses=[_loss_at(full_loss, entry["step"]) for entry in chosen],
+    )
+    return reports, [(entry["step"], entry["mean"]) for entry in chosen]
+
+
+def agreement(series: dict[str, Any], baseline: int = 100) -> tuple[int, int]:
+    """How many of the online onsets have an offline one (:func:`offline`) within ``baseline`` steps, of how many."""
+    online = [report.step for report in replay(series, baseline=baseline, loss_settings={}, llc_settings={})[0] if report.is_onset]
+    later = [report.step for report in offline(series, baseline)[0] if report.is_onset]
+    return sum(any(abs(step - other) <= baseline for other in later) for step in online), len(online)
 
 
 @dataclass
@@ -97,11 +124,14 @@ class Score:
         return f"{self.runs:>4} {self.episodes:>8} {recall:>7} {self.false / max(self.runs, 1):>9.2f} {latency:>8} {impossible:>10}"
 
 
-def score_run(series: dict[str, Any], **replay_kwargs: Any) -> Score:
-    replay_kwargs = {"loss_settings": {}, "llc_settings": {}, **replay_kwargs}
-    """A control run has no episode by definition: every report there is a false alarm."""
+def score_run(series: dict[str, Any], post_hoc: bool = False, **replay_kwargs: Any) -> Score:
+    """Score the monitor's reports (or, ``post_hoc``, those of :func:`offline`) on one run. A control run has no
+    episode by definition: every report there is a false alarm."""
     truth: list[Episode] = [] if series["family"] in CONTROLS else episodes(series["full_loss"])
-    reports, seen = replay(series, **replay_kwargs)
+    if post_hoc:
+        reports, seen = offline(series, replay_kwargs.get("baseline", 100))
+    else:
+        reports, seen = replay(series, **{"loss_settings": {}, "llc_settings": {}, **replay_kwargs})
     onsets = [report for report in reports if report.is_onset]
     result = Score(runs=1, episodes=len(truth), reports=len(onsets))
     unused = list(onsets)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from lightning_devinterp.detection.detector import Transition, TransitionDetector
@@ -172,3 +173,49 @@ class TransitionEvidence:
         self._last_end = state.get("last_end")
         self._last_healthy = tuple(state["last_healthy"]) if state.get("last_healthy") is not None else None  # type: ignore[assignment]
         self._settling = state.get("settling", True)
+
+
+def detect_transitions(
+    steps: Sequence[int],
+    values: Sequence[float],
+    stds: Sequence[float | None] | None = None,
+    *,
+    metric: str = "value",
+    healthy: Sequence[bool] | None = None,
+    fixed_losses: Sequence[float] | None = None,
+    training_losses: Sequence[tuple[int, float]] | None = None,
+    **detector_kwargs: Any,
+) -> list[Transition]:
+    """The reports the online monitor would have made on a whole series (post-hoc analysis), by the same method.
+
+    ``steps``, ``values`` (λ̂) and optionally ``stds`` (their standard errors) and ``healthy`` go to a
+    :class:`TransitionDetector` (``detector_kwargs``). Given the loss as well, each estimate's L(w*) (``fixed_losses``)
+    and/or the training loss at every step (``training_losses``, (step, loss) pairs), it is the monitor's
+    :class:`TransitionEvidence` with a default :class:`LossDropDetector`, fed in the monitor's order: the training
+    losses up to an estimate's step, then the estimate. Reports come in the order they were made.
+    """
+    for name, column in (("stds", stds), ("healthy", healthy), ("fixed_losses", fixed_losses)):
+        if column is not None and len(column) != len(values):
+            raise ValueError(f"steps, values and {name} must have the same length.")
+    if len(steps) != len(values):
+        raise ValueError("steps and values must have the same length.")
+    llc = TransitionDetector(metric=metric, **detector_kwargs)
+    with_loss = fixed_losses is not None or training_losses is not None
+    evidence = TransitionEvidence(LossDropDetector(), llc) if with_loss else None
+    losses = sorted(training_losses or [])
+    fed = 0
+    found = []
+    for index, (step, value) in enumerate(zip(steps, values)):
+        std = None if stds is None else stds[index]
+        is_healthy = True if healthy is None else bool(healthy[index])
+        if evidence is None:
+            found.append(llc.update(step, value, std, is_healthy))
+            continue
+        while fed < len(losses) and losses[fed][0] <= step:
+            found.append(evidence.observe_loss(*losses[fed]))
+            fed += 1
+        fixed = None if fixed_losses is None else fixed_losses[index]
+        found.append(evidence.observe_llc(step, value, std, is_healthy, fixed_loss=fixed))
+    if evidence is not None:
+        found += [evidence.observe_loss(*pair) for pair in losses[fed:]]
+    return [event for event in found if event is not None]

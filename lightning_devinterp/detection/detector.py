@@ -228,23 +228,3 @@ class TransitionDetector:
         self._candidates = [(int(s), float(v), float(e)) for s, v, e in state["candidates"]]
         self._recent = [float(v) for v in state["recent"]]
         self._last_step = state["last_step"]
-
-
-def detect_transitions(
-    steps: Sequence[int],
-    values: Sequence[float],
-    stds: Sequence[float | None] | None = None,
-    *,
-    metric: str = "value",
-    **detector_kwargs: Any,
-) -> list[Transition]:
-    """Run :class:`TransitionDetector` over a whole series (post-hoc analysis); same method and defaults as online."""
-    if len(steps) != len(values) or (stds is not None and len(stds) != len(values)):
-        raise ValueError("steps, values and stds must have the same length.")
-    detector = TransitionDetector(metric=metric, **detector_kwargs)
-    found = []
-    for index, (step, value) in enumerate(zip(steps, values)):
-        event = detector.update(step, value, None if stds is None else stds[index])
-        if event is not None:
-            found.append(event)
-    return found

@@ -294,19 +294,21 @@ def test_loss_detector_state_round_trip_with_fixed_data():
     assert head + tail == whole
 
 
-def test_the_monitor_reports_a_fixed_data_onset_once_with_llc_before_and_after_at_its_end():
-    rng = np.random.default_rng(8)
-    steps, minibatch, exact = slow_fall(rng, steps=3000)
+def monitor_reports(seed, llc_at, healthy_at=lambda step: True):
+    """The combined evidence's reports on a slow fall that stops at step 1800, with λ̂ (``llc_at(step)``) and L(w*)
+    every 100 steps, fed in the monitor's order."""
+    steps, minibatch, exact = slow_fall(np.random.default_rng(seed), steps=3000)
     evidence = TransitionEvidence(LossDropDetector(), TransitionDetector())
     reports = []
     for step, value in zip(steps, minibatch):
-        found = evidence.observe_loss(step, value)
+        reports.append(evidence.observe_loss(step, value))
         if step % 100 == 0 and step > 0:
-            llc = (5.0 if step < 1100 else 9.0) + 0.05 * math.sin(step)
-            found = found or evidence.observe_llc(step, llc, 0.05, fixed_loss=exact(min(step, 1800)))
-        if found is not None:
-            reports.append(found)
-    onset, end = reports
+            reports.append(evidence.observe_llc(step, llc_at(step), 0.05, healthy=healthy_at(step), fixed_loss=exact(min(step, 1800))))
+    return [report for report in reports if report is not None]
+
+
+def test_the_monitor_reports_a_fixed_data_onset_once_with_llc_before_and_after_at_its_end():
+    onset, end = monitor_reports(8, lambda step: (5.0 if step < 1100 else 9.0) + 0.05 * math.sin(step))
     assert onset.metric == FIXED_DATA_METRIC and onset.evidence == "loss drop"
     assert not end.is_onset and end.evidence == "both" and end.before == pytest.approx(5.0, abs=0.1)
 
@@ -314,18 +316,7 @@ def test_the_monitor_reports_a_fixed_data_onset_once_with_llc_before_and_after_a
 def test_a_drop_with_no_healthy_llc_before_it_ends_with_llc_now():
     """On a saddle λ̂ is negative and unhealthy until the drop: the end has no λ̂ before to compare, so it says
     where λ̂ is now."""
-    rng = np.random.default_rng(9)
-    steps, minibatch, exact = slow_fall(rng, steps=3000)
-    evidence = TransitionEvidence(LossDropDetector(), TransitionDetector())
-    reports = []
-    for step, value in zip(steps, minibatch):
-        found = evidence.observe_loss(step, value)
-        if step % 100 == 0 and step > 0:
-            healthy = step >= 1300
-            found = found or evidence.observe_llc(step, 9.0 if healthy else -2.0, 0.05, healthy=healthy, fixed_loss=exact(min(step, 1800)))
-        if found is not None:
-            reports.append(found)
-    onset, end = reports
+    onset, end = monitor_reports(9, lambda step: 9.0 if step >= 1300 else -2.0, healthy_at=lambda step: step >= 1300)
     assert end.metric == FIXED_DATA_METRIC and "λ̂ now 9, with no healthy estimate before the onset" in end.reason
 
 

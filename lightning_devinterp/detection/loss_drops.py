@@ -39,8 +39,7 @@ not change between calls (the monitor's L(w*), its loss over the whole training 
 minibatch noise, so a slow fall that the minibatch loss hides under its noise for hundreds of steps shows there
 at the first estimate after it starts. The same rule applies to it point by point, without smoothing: a fall of
 more than ``drop`` over at least ``lag`` steps, below the level of a plateau whose band is at most ``plateau``
-(two points count at :data:`TWO_POINT_PENALTY` times their difference) and ``CONTRAST`` times smaller than the
-fall. Its noise is that of the weights, not of minibatches, and shows in the series' own calm rates: the fall must
+and ``CONTRAST`` times smaller than the fall. Its noise is that of the weights, not of minibatches, and shows in the series' own calm rates: the fall must
 also exceed their median plus :data:`FIXED_NOISE_Z` robust standard deviations, and a series whose calm rates have
 a median above ``plateau`` (a loss that keeps falling, as Adam's does late in training, in uneven steps whose
 pauses are no plateaus) is not judged at all. Either series may report the onset; the other then waits for the transition's end, which the series that reported it judges.
@@ -93,9 +92,6 @@ FIXED_NOISE_Z = 3.0
 
 FIXED_MIN_HISTORY = 4
 """Calm rates of the fixed-data loss needed before they set a noise floor."""
-
-TWO_POINT_PENALTY = 2.0
-"""A plateau of the sparse fixed-data loss seen in only two points counts at this many times their difference."""
 
 FIXED_DATA_METRIC = "llc/init_loss"
 """The name reports give the fixed-data loss: what :class:`~lightning_devinterp.LLCMonitor` logs L(w*) as."""
@@ -270,10 +266,7 @@ class _FixedData:
             if first is None or points[first][0] < not_before:
                 continue
             inside = [value for _, value in points[first : index + 1]]
-            # The range of n values grows with n: two that happen to agree (a loss that decays in steps, as Adam's
-            # does) show less of it than the plateau that three would show, so they count at twice their band.
-            spread = (max(inside) - min(inside)) * (TWO_POINT_PENALTY if len(inside) == 2 else 1.0)
-            plateaus.append((spread, median(inside), min(inside)))
+            plateaus.append((max(inside) - min(inside), median(inside), min(inside)))
         return min(plateaus) if plateaus else None
 
     def onset(self, not_before: int) -> tuple[float, float] | None:

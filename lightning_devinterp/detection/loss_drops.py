@@ -214,9 +214,12 @@ class _FixedData:
         self.points: deque[tuple[int, float]] = deque()
         self.history: deque[float] = deque(maxlen=RATE_HISTORY)
         self.pending: deque[tuple[int, float]] = deque()
+        self._version = 0
+        self._leaving: tuple[tuple[int, int], bool] | None = None
 
     def add(self, step: int, log_value: float) -> None:
         """Add a point; earlier rates that share no steps with the newest one join the history of calm rates."""
+        self._version += 1
         self.points.append((step, log_value))
         horizon = step - (LOOKBACK + 2) * self.lag - self.plateau_steps
         while len(self.points) > 2 and self.points[1][0] <= horizon:
@@ -230,6 +233,7 @@ class _FixedData:
             self.pending.append((self.points[-1][0], rate))
 
     def forget_rates(self) -> None:
+        self._version += 1
         self.history.clear()
         self.pending.clear()
 
@@ -283,11 +287,16 @@ class _FixedData:
 
     def leaving(self, not_before: int) -> bool:
         """True when the newest point lies a quarter of ``drop`` below the lowest value of a plateau before it (and
-        the series is one that has plateaus: see :meth:`noise_floor`)."""
-        plateau = self.calmest_plateau(not_before) if self.points else None
-        if plateau is None or plateau[0] > self.plateau or self.noise_floor() == math.inf:
-            return False
-        return self.points[-1][1] < plateau[2] - self.drop / 4
+        the series is one that has plateaus: see :meth:`noise_floor`). The monitor asks at every training step, so
+        the answer is kept until a point arrives or ``not_before`` moves."""
+        key = (self._version, not_before)
+        if self._leaving is None or self._leaving[0] != key:
+            plateau = self.calmest_plateau(not_before) if self.points else None
+            leaving = False
+            if plateau is not None and plateau[0] <= self.plateau and self.noise_floor() != math.inf:
+                leaving = self.points[-1][1] < plateau[2] - self.drop / 4
+            self._leaving = (key, leaving)
+        return self._leaving[1]
 
 
 class LossDropDetector:

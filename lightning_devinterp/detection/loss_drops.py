@@ -445,13 +445,7 @@ class LossDropDetector:
             return self._begin_fixed(int(step), *plateau)
         if self._onset["scale"] is not None:
             return None
-        rate = self._fixed.rate()
-        if rate is not None and rate >= self.drop / 2:
-            self._calm_since = None
-            return None
-        if self._calm_since is None:
-            self._calm_since = int(step)
-        if step - self._calm_since < self.lag // 2:
+        if not self._calmed(int(step), self._fixed.rate(), self.drop, self.lag):
             return None
         return self._end(int(step), self._fixed.points[-1][1], self.lag, self._onset["band"], FIXED_DATA_METRIC)
 
@@ -495,15 +489,20 @@ class LossDropDetector:
         )
 
     def _follow(self, step: int, scale: _Scale, rate: float) -> Transition | None:
-        assert self._onset is not None
-        if self._onset["sign"] * rate >= scale.drop / 2:
-            self._calm_since = None
-            return None
-        if self._calm_since is None:
-            self._calm_since = step
-        if step - self._calm_since < scale.lag // 2:
+        if not self._calmed(step, rate, scale.drop, scale.lag):
             return None
         return self._end(step, scale.smoothed[-1][1], scale.lag, scale.noise(self._spread()), self.metric)
+
+    def _calmed(self, step: int, rate: float | None, drop: float, lag: int) -> bool:
+        """Whether the series that reported the transition under way has fallen at less than half its threshold
+        ``drop`` for half a ``lag`` (a missing ``rate`` counts as calm); remembers since when."""
+        assert self._onset is not None
+        if rate is not None and self._onset["sign"] * rate >= drop / 2:
+            self._calm_since = None
+            return False
+        if self._calm_since is None:
+            self._calm_since = step
+        return step - self._calm_since >= lag // 2
 
     def _end(self, step: int, now: float, lag: int, noise: float, metric: str) -> Transition:
         """The end of the transition under way: its series (``metric``, ``now`` its latest log value) has been calm

@@ -97,6 +97,37 @@ FIXED_DATA_METRIC = "llc/init_loss"
 """The name reports give the fixed-data loss: what :class:`~lightning_devinterp.LLCMonitor` logs L(w*) as."""
 
 
+class _CalmRates:
+    """Rates seen while no transition was under way, for a noise estimate: each joins ``values`` only once it shares
+    no data with the rate being judged, so a fall that begins slowly does not raise the noise it is judged against."""
+
+    def __init__(self, size: int) -> None:
+        self.values: deque[float] = deque(maxlen=size)
+        self.pending: deque[tuple[int, float]] = deque()
+
+    def keep(self, step: int, rate: float) -> None:
+        self.pending.append((step, rate))
+
+    def release(self, up_to: int) -> int:
+        """Move the kept rates measured at or before step ``up_to`` into ``values``; how many moved."""
+        moved = 0
+        while self.pending and self.pending[0][0] <= up_to:
+            self.values.append(self.pending.popleft()[1])
+            moved += 1
+        return moved
+
+    def clear(self) -> None:
+        self.values.clear()
+        self.pending.clear()
+
+    def state(self) -> dict[str, Any]:
+        return {"history": list(self.values), "pending": [list(p) for p in self.pending]}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.values.extend(state.get("history", []))
+        self.pending.extend((int(s), float(r)) for s, r in state.get("pending", []))
+
+
 class _Scale:
     """The rule at one time scale: its smoothed series, its rates, and whether a fall it reported is under way."""
 
@@ -106,8 +137,7 @@ class _Scale:
         self.recent: deque[float] = deque(maxlen=window)
         self.smoothed: deque[tuple[int, float]] = deque()
         self.rates: deque[tuple[int, float]] = deque()
-        self.history: deque[float] = deque(maxlen=RATE_HISTORY * lag // self.stride)
-        self.pending: deque[tuple[int, float]] = deque()
+        self.calm = _CalmRates(RATE_HISTORY * lag // self.stride)
         self._wander = 0.0
         self._added = 0
 
@@ -120,18 +150,20 @@ class _Scale:
     def _remember(self, step: int, rate: float) -> None:
         """Keep a calm rate for the wander estimate, once it no longer shares data with the rate now measured (the
         ``lag + window`` steps behind it): a fall that begins slowly must not raise the noise it is judged against."""
-        self.pending.append((step, rate))
-        while self.pending and self.pending[0][0] <= step - self.lag - self.window:
-            self.history.append(self.pending.popleft()[1])
-            self._added += 1
-            if self._added % REFRESH == 0:
-                self._wander = robust_std(self.history) if len(self.history) >= 2 * self.lag // self.stride else 0.0
+        self.calm.keep(step, rate)
+        before = self._added
+        self._added += self.calm.release(step - self.lag - self.window)
+        if self._added // REFRESH > before // REFRESH:
+            self._wander = self._wander_of_history()
+
+    def _wander_of_history(self) -> float:
+        history = self.calm.values
+        return robust_std(history) if len(history) >= 2 * self.lag // self.stride else 0.0
 
     def forget_rates(self) -> None:
         """Start the rates and their history over (after a transition has ended)."""
         self.rates.clear()
-        self.history.clear()
-        self.pending.clear()
+        self.calm.clear()
         self._wander = 0.0
 
     def add(self, step: int, log_value: float, calm: bool) -> float | None:
@@ -192,7 +224,7 @@ class _Scale:
     def state(self) -> dict[str, Any]:
         return {
             "recent": list(self.recent), "smoothed": [list(p) for p in self.smoothed], "rates": [list(p) for p in self.rates],
-            "history": list(self.history), "pending": [list(p) for p in self.pending],
+            **self.calm.state(),
         }
 
     def load(self, state: dict[str, Any]) -> None:
@@ -200,10 +232,9 @@ class _Scale:
         self.recent.extend(state["recent"])
         self.smoothed = deque((int(s), float(v)) for s, v in state["smoothed"])
         self.rates = deque((int(s), float(v)) for s, v in state["rates"])
-        self.history.clear()
-        self.history.extend(state["history"])
-        self.pending = deque((int(s), float(r)) for s, r in state.get("pending", []))
-        self._wander = robust_std(self.history) if len(self.history) >= 2 * self.lag // self.stride else 0.0
+        self.calm.clear()
+        self.calm.load(state)
+        self._wander = self._wander_of_history()
 
 
 class _FixedData:
@@ -212,8 +243,7 @@ class _FixedData:
     def __init__(self, lag: int, plateau_steps: int, drop: float, plateau: float) -> None:
         self.lag, self.plateau_steps, self.drop, self.plateau = lag, plateau_steps, drop, plateau
         self.points: deque[tuple[int, float]] = deque()
-        self.history: deque[float] = deque(maxlen=RATE_HISTORY)
-        self.pending: deque[tuple[int, float]] = deque()
+        self.calm = _CalmRates(RATE_HISTORY)
         self._version = 0
         self._leaving: tuple[tuple[int, int], bool] | None = None
 
@@ -224,28 +254,27 @@ class _FixedData:
         horizon = step - (LOOKBACK + 2) * self.lag - self.plateau_steps
         while len(self.points) > 2 and self.points[1][0] <= horizon:
             self.points.popleft()
-        while self.pending and self.pending[0][0] <= step - self.lag:
-            self.history.append(self.pending.popleft()[1])
+        self.calm.release(step - self.lag)
 
     def remember(self, rate: float | None) -> None:
         """Keep the newest point's rate, judged calm (no transition under way), for the history."""
         if rate is not None:
-            self.pending.append((self.points[-1][0], rate))
+            self.calm.keep(self.points[-1][0], rate)
 
     def forget_rates(self) -> None:
         self._version += 1
-        self.history.clear()
-        self.pending.clear()
+        self.calm.clear()
 
     def noise_floor(self) -> float:
         """What the series' own calm rates let a fall reach: their median plus :data:`FIXED_NOISE_Z` robust
         standard deviations (zero until :data:`FIXED_MIN_HISTORY` are known); infinite when their median exceeds
         ``plateau``, since a loss that has kept falling that fast (Adam's, decaying in uneven steps) has no plateau
         for a pause in it to be one."""
-        if len(self.history) < FIXED_MIN_HISTORY:
+        history = self.calm.values
+        if len(history) < FIXED_MIN_HISTORY:
             return 0.0
-        typical = median(self.history)
-        return math.inf if typical > self.plateau else typical + FIXED_NOISE_Z * robust_std(self.history)
+        typical = median(history)
+        return math.inf if typical > self.plateau else typical + FIXED_NOISE_Z * robust_std(history)
 
     def rate(self) -> float | None:
         """The fall per ``lag`` steps from the latest point at least ``lag`` steps back to the newest one (over a
@@ -532,8 +561,7 @@ class LossDropDetector:
             "differences": list(self._differences),
             "scales": [scale.state() for scale in self._scales],
             "fixed": [list(p) for p in self._fixed.points],
-            "fixed_history": list(self._fixed.history),
-            "fixed_pending": [list(p) for p in self._fixed.pending],
+            "fixed_calm": self._fixed.calm.state(),
             "onset": dict(self._onset) if self._onset is not None else None,
             "calm_since": self._calm_since,
             "not_before": self._not_before,
@@ -546,8 +574,7 @@ class LossDropDetector:
         for scale, saved in zip(self._scales, state["scales"]):
             scale.load(saved)
         self._fixed.points.extend((int(s), float(v)) for s, v in state.get("fixed", []))
-        self._fixed.history.extend(state.get("fixed_history", []))
-        self._fixed.pending.extend((int(s), float(r)) for s, r in state.get("fixed_pending", []))
+        self._fixed.calm.load(state.get("fixed_calm", {}))
         self._onset = dict(state["onset"]) if state["onset"] is not None else None
         self._calm_since = state["calm_since"]
         self._not_before = state["not_before"]

@@ -20,6 +20,7 @@ tokens, 3.4M parameters). For each chain count, ``--draws`` draws without burn-i
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from collections.abc import Callable
 
@@ -44,8 +45,12 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, width = x.shape
-        q, k, v = self.qkv(self.norm1(x)).reshape(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
-        x = x + self.out(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(batch, length, width))
+        q, k, v = (
+            self.qkv(self.norm1(x)).reshape(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        )
+        x = x + self.out(
+            F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(batch, length, width)
+        )
         return x + self.mlp(self.norm2(x))
 
 
@@ -74,21 +79,40 @@ def problem(name: str, device: torch.device) -> tuple[nn.Module, TensorDataset, 
         model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
         loss, batch, groups = _regression, 64, {"first": "0", "rest": ["2", "4"]}
     elif name == "mlp":
-        data = TensorDataset(torch.randn(8192, 784, generator=generator), torch.randint(10, (8192,), generator=generator))
+        data = TensorDataset(
+            torch.randn(8192, 784, generator=generator), torch.randint(10, (8192,), generator=generator)
+        )
         model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
         loss, batch, groups = _classification, 256, {"first": "0", "rest": ["2", "4"]}
     elif name == "cnn":
-        data = TensorDataset(torch.randn(4096, 3, 32, 32, generator=generator), torch.randint(10, (4096,), generator=generator))
+        data = TensorDataset(
+            torch.randn(4096, 3, 32, 32, generator=generator), torch.randint(10, (4096,), generator=generator)
+        )
         model = nn.Sequential(
-            nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(128 * 16, 256), nn.ReLU(), nn.Linear(256, 10),
+            nn.Conv2d(3, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(64, 128, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(128, 128, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(128 * 16, 256),
+            nn.ReLU(),
+            nn.Linear(256, 10),
         )
         loss, batch, groups = _classification, 128, {"convolutions": ["0", "3", "6"], "head": ["10", "12"]}
     else:
         tokens = torch.randint(512, (2048, 65), generator=generator)
         data = TensorDataset(tokens[:, :-1], tokens[:, 1:])
         model = GPT()
-        loss, batch, groups = _classification, 64, {"attention": ["blocks.*.qkv", "blocks.*.out"], "mlp": "blocks.*.mlp"}
+        loss, batch, groups = (
+            _classification,
+            64,
+            {"attention": ["blocks.*.qkv", "blocks.*.out"], "mlp": "blocks.*.mlp"},
+        )
     return model.to(device), TensorDataset(*(t.to(device) for t in data.tensors)), loss, batch, groups
 
 
@@ -128,10 +152,13 @@ def train_steps(model: nn.Module, data: TensorDataset, loss: Callable, batch: in
         optimizer.step()
 
 
-def devinterp_llc(model: nn.Module, data: TensorDataset, batch: int, chains: int, draws: int) -> Callable[[], object] | None:
-    """devinterp 2.0.1's ``llc()`` on the same work, or None when it is not installed. devinterp reads a HuggingFace
+def devinterp_llc(
+    model: nn.Module, data: TensorDataset, batch: int, chains: int, draws: int
+) -> Callable[[], object] | None:
+    """Devinterp 2.0.1's ``llc()`` on the same work, or None when it is not installed. devinterp reads a HuggingFace
     dataset of ``input_ids`` rows and wants a per-token loss of shape (batch, columns - 1): each sample's inputs and
-    targets are flattened into one float row, and each sample's loss fills its row."""
+    targets are flattened into one float row, and each sample's loss fills its row.
+    """
     try:
         from datasets import Dataset as HFDataset
         from devinterp.slt.llc import llc
@@ -139,7 +166,9 @@ def devinterp_llc(model: nn.Module, data: TensorDataset, batch: int, chains: int
         return None
     x, y = (t.cpu() for t in data.tensors)
     width = x[0].numel()
-    rows = HFDataset.from_dict({"input_ids": torch.cat([x.reshape(len(x), -1).float(), y.reshape(len(y), -1).float()], dim=1).tolist()})
+    rows = HFDataset.from_dict(
+        {"input_ids": torch.cat([x.reshape(len(x), -1).float(), y.reshape(len(y), -1).float()], dim=1).tolist()}
+    )
 
     def per_sample_loss(network: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
         inputs = input_ids[:, :width].reshape(-1, *x.shape[1:]).to(x.dtype)
@@ -148,12 +177,27 @@ def devinterp_llc(model: nn.Module, data: TensorDataset, batch: int, chains: int
         if targets.is_floating_point():
             loss = 0.5 * ((output - targets) ** 2).sum(-1)
         else:
-            loss = F.cross_entropy(output.reshape(-1, output.shape[-1]), targets.reshape(-1), reduction="none").reshape(len(targets), -1).mean(-1)
+            loss = (
+                F.cross_entropy(output.reshape(-1, output.shape[-1]), targets.reshape(-1), reduction="none")
+                .reshape(len(targets), -1)
+                .mean(-1)
+            )
         return loss[:, None].expand(-1, input_ids.shape[1] - 1)
 
     def run() -> object:
-        return llc(model, rows.with_format("torch"), {}, lr=1e-6, n_beta=len(x) / 6.9, loss_fn=per_sample_loss, num_chains=chains,
-                   num_draws=draws, batch_size=batch, localization=100.0, device=str(next(model.parameters()).device))
+        return llc(
+            model,
+            rows.with_format("torch"),
+            {},
+            lr=1e-6,
+            n_beta=len(x) / 6.9,
+            loss_fn=per_sample_loss,
+            num_chains=chains,
+            num_draws=draws,
+            batch_size=batch,
+            localization=100.0,
+            device=str(next(model.parameters()).device),
+        )
 
     return run
 
@@ -161,7 +205,8 @@ def devinterp_llc(model: nn.Module, data: TensorDataset, batch: int, chains: int
 def peak_memory(run: Callable[[], object], device: torch.device) -> float:
     """Peak memory that ``run`` allocates beyond what was live before it, in bytes: the CUDA allocator's peak, or on
     CPU the peak of live bytes replayed from the profiler's allocation events (resident memory would count what the
-    allocator keeps cached)."""
+    allocator keeps cached).
+    """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -172,7 +217,11 @@ def peak_memory(run: Callable[[], object], device: torch.device) -> float:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
         run()
     live = peak = 0
-    for _, nbytes in sorted((event.start_ns(), event.nbytes()) for event in profiler.profiler.kineto_results.events() if event.name() == "[memory]"):
+    for _, nbytes in sorted(
+        (event.start_ns(), event.nbytes())
+        for event in profiler.profiler.kineto_results.events()
+        if event.name() == "[memory]"
+    ):
         live += nbytes
         peak = max(peak, live)
     return float(peak)
@@ -192,30 +241,45 @@ def main() -> None:
     device = torch.device(args.device)
     model, data, loss, batch, groups = problem(args.model, device)
     parameters = sum(p.numel() for p in model.parameters())
-    print(f"model={args.model} ({parameters / 1e6:.2f}M parameters, batch {batch}) device={device} torch={torch.__version__} threads={torch.get_num_threads()}")
+    print(
+        f"model={args.model} ({parameters / 1e6:.2f}M parameters, batch {batch}) device={device} torch={torch.__version__} threads={torch.get_num_threads()}"
+    )
     if device.type == "cuda":
         print(f"GPU: {torch.cuda.get_device_name(device)}")
     for chains in args.chains:
-        common = dict(batch_size=batch, num_chains=chains, num_draws=args.draws, num_burnin_steps=0, epsilon=1e-6, seed=0)
-        first, vmapped = timed(lambda: estimate_llc(model, data, loss, vectorize=True, **common), args.repeats, device)
-        _, looped = timed(lambda: estimate_llc(model, data, loss, vectorize=False, **common), args.repeats, device)
-        _, training = timed(lambda: train_steps(model, data, loss, batch, chains * args.draws), args.repeats, device)
-        _, grouped = timed(lambda: estimate_llc(model, data, loss, vectorize=True, param_groups=groups, **common), args.repeats, device)
+        estimate = functools.partial(
+            estimate_llc, model, data, loss, batch_size=batch, num_chains=chains, num_draws=args.draws,
+            num_burnin_steps=0, epsilon=1e-6, seed=0,
+        )  # fmt: skip
+        first, vmapped = timed(functools.partial(estimate, vectorize=True), args.repeats, device)
+        _, looped = timed(functools.partial(estimate, vectorize=False), args.repeats, device)
+        training_run = functools.partial(train_steps, model, data, loss, batch, chains * args.draws)
+        _, training = timed(training_run, args.repeats, device)
+        _, grouped = timed(functools.partial(estimate, vectorize=True, param_groups=groups), args.repeats, device)
         print(f"\n{chains} chains x {args.draws} draws ({chains * args.draws} chain steps)")
         print(f"  vmap                       {vmapped:8.3f} s   (first call {first:.3f} s)")
         print(f"  sequential                 {looped:8.3f} s   vmap is {looped / vmapped:.2f}x faster")
-        print(f"  as many training steps     {training:8.3f} s   vmap step costs {vmapped / training:.2f}x a training step")
-        print(f"  two param_groups (3x the chains, one pass) {grouped:8.3f} s = {grouped / vmapped:.2f}x the plain estimate")
+        print(
+            f"  as many training steps     {training:8.3f} s   vmap step costs {vmapped / training:.2f}x a training step"
+        )
+        print(
+            f"  two param_groups (3x the chains, one pass) {grouped:8.3f} s = {grouped / vmapped:.2f}x the plain estimate"
+        )
         if not args.no_compile:
-            compile_first, compiled = timed(lambda: estimate_llc(model, data, loss, vectorize=True, compile=True, **common), args.repeats, device)
-            print(f"  compiled                   {compiled:8.3f} s   (first call, compiling: {compile_first:.1f} s) = {compiled / vmapped:.2f}x vmap")
+            compile_first, compiled = timed(
+                functools.partial(estimate, vectorize=True, compile=True), args.repeats, device
+            )
+            print(
+                f"  compiled                   {compiled:8.3f} s   (first call, compiling: {compile_first:.1f} s) = {compiled / vmapped:.2f}x vmap"
+            )
         reference = devinterp_llc(model, data, batch, chains, args.draws)
         if reference is not None:
             _, devinterp = timed(reference, 1, device)
             print(f"  devinterp llc()            {devinterp:8.3f} s   vmap is {devinterp / vmapped:.1f}x faster")
-        bound = 4 * chains * parameters * 4
-        memory = peak_memory(lambda: estimate_llc(model, data, loss, vectorize=True, **common), device)
-        print(f"  peak memory (vmap)         {memory / 2**20:8.1f} MiB = {memory / (chains * parameters * 4):.1f} x chains x parameters x 4 B, activations included")
+        memory = peak_memory(functools.partial(estimate, vectorize=True), device)
+        print(
+            f"  peak memory (vmap)         {memory / 2**20:8.1f} MiB = {memory / (chains * parameters * 4):.1f} x chains x parameters x 4 B, activations included"
+        )
 
 
 if __name__ == "__main__":

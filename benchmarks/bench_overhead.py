@@ -47,8 +47,13 @@ def loader() -> DataLoader:
 def timed_fit(steps: int, monitor: LLCMonitor | None) -> float:
     pl.seed_everything(0, verbose=False)
     trainer = pl.Trainer(
-        max_steps=steps, callbacks=[monitor] if monitor else [], logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+        max_steps=steps,
+        callbacks=[monitor] if monitor else [],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
     )
     started = time.perf_counter()
     trainer.fit(Regressor(), loader())

@@ -6,7 +6,7 @@ the number of estimates, the share healthy after the first 10% of training, the 
 run without the monitor, the monitor's own measured share, the step size it chose, and the final λ̂ beside a long
 reference estimate (8 chains x 5000 draws after 1000 burn-in steps, at a quarter of the chosen step size).
 
-    python benchmarks/default_monitor.py [--runs mlp cnn attention] [--scale 1] [--no-reference]
+    python -m benchmarks.default_monitor [--runs mlp cnn attention] [--scale 1] [--no-reference]
 
 ``--scale 5`` makes each run five times longer (the "runs of a minute or more" figure).
 """
@@ -20,16 +20,21 @@ import warnings
 import lightning.pytorch as pl
 import torch
 
+from benchmarks.ordinary_runs import RUNS, Run
 from lightning_devinterp import LLCMonitor, estimate_llc
-from ordinary_runs import RUNS, Run
 
 
 def fit(run: Run, steps: int, monitor: LLCMonitor | None) -> tuple[pl.LightningModule, float]:
     pl.seed_everything(0, verbose=False)
     module = run.make_module()
     trainer = pl.Trainer(
-        max_steps=steps, callbacks=[monitor] if monitor else [], logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+        max_steps=steps,
+        callbacks=[monitor] if monitor else [],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
     )
     started = time.perf_counter()
     trainer.fit(module, run.loader())
@@ -59,8 +64,15 @@ def main() -> None:
         reference = "skipped"
         if final is not None and not args.no_reference:
             long = estimate_llc(
-                module, run.make_data(), batch_size=run.batch_size, num_chains=8, num_draws=5000, num_burnin_steps=1000,
-                epsilon=final.result.epsilon / 4, gamma=final.result.gamma, seed=1,
+                module,
+                run.make_data(),
+                batch_size=run.batch_size,
+                num_chains=8,
+                num_draws=5000,
+                num_burnin_steps=1000,
+                epsilon=final.result.epsilon / 4,
+                gamma=final.result.gamma,
+                seed=1,
             )
             reference = f"{long.llc_mean:.3g} ({final.llc_mean / long.llc_mean - 1:+.0%})"
         print(

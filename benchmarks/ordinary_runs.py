@@ -5,8 +5,8 @@ monitor behaves with no arguments on runs nobody tuned it for.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import lightning.pytorch as pl
 import torch
@@ -49,7 +49,9 @@ def mlp() -> nn.Module:
 class SmallCNN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)
+        )
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -67,7 +69,9 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, width = x.shape
-        q, k, v = self.qkv(self.norm1(x)).reshape(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = (
+            self.qkv(self.norm1(x)).reshape(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        )
         attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.out(attended.transpose(1, 2).reshape(batch, length, width))
         return x + self.mlp(self.norm2(x))
@@ -117,5 +121,7 @@ class Run:
 RUNS = {
     "mlp": Run("MLP on digits", lambda: Classifier(mlp()), digits, steps=6000),
     "cnn": Run("CNN on digits", lambda: Classifier(SmallCNN()), digits, steps=4000),
-    "attention": Run("2-block attention on sequences", lambda: Classifier(TinyTransformer(), lr=3e-3), sequences, steps=1500),
+    "attention": Run(
+        "2-block attention on sequences", lambda: Classifier(TinyTransformer(), lr=3e-3), sequences, steps=1500
+    ),
 }

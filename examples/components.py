@@ -45,7 +45,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_devinterp import LLCMonitor, TransitionMonitor, TransitionWarning
-from lightning_devinterp.cli import CLIError, plot_runs, read_runs
+from lightning_devinterp.plotting import plot_runs, read_runs
 from lightning_devinterp.sampling.params import head_groups
 
 VOCAB, LENGTH, WIDTH, HEADS = 16, 16, 32, 2
@@ -105,14 +105,17 @@ class SequenceModel(pl.LightningModule):
 @torch.no_grad()
 def attention_by_offset(model: SequenceModel, tokens: torch.Tensor, offsets: int = 3) -> torch.Tensor:
     """Mean attention weight of each head on the tokens 0, 1, ... ``offsets - 1`` positions back, over the queries
-    that have two tokens before them: ``[heads, offsets]``."""
+    that have two tokens before them: ``[heads, offsets]``.
+    """
     batch, length = tokens.shape
     x = model.norm1(model.embed(tokens) + model.position[:length])
     q, k, _ = model.attn.qkv(x).reshape(batch, length, 3, HEADS, WIDTH // HEADS).permute(2, 0, 3, 1, 4)
     scores = (q @ k.transpose(-1, -2)) / (WIDTH // HEADS) ** 0.5
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     weights = scores.masked_fill(~causal, float("-inf")).softmax(-1)  # [batch, heads, query, key]
-    return torch.stack([weights.diagonal(-offset, dim1=-2, dim2=-1)[..., 2:].mean((0, -1)) for offset in range(offsets)], dim=1)
+    return torch.stack(
+        [weights.diagonal(-offset, dim1=-2, dim2=-1)[..., 2:].mean((0, -1)) for offset in range(offsets)], dim=1
+    )
 
 
 class AttentionRecord(pl.Callback):
@@ -137,7 +140,10 @@ def component_groups(model: SequenceModel) -> dict:
         "attn": "attn",
         "mlp": "mlp",
         "unembed": "unembed",
-        **{name.replace("attn.qkv.", ""): masks for name, masks in head_groups(model, "attn.qkv", HEADS, out="attn.out").items()},
+        **{
+            name.replace("attn.qkv.", ""): masks
+            for name, masks in head_groups(model, "attn.qkv", HEADS, out="attn.out").items()
+        },
     }
 
 
@@ -156,19 +162,31 @@ def main() -> None:
 
     pl.seed_everything(0)
     model = SequenceModel()
-    monitor = LLCMonitor(every_n_steps=args.every, num_chains=chains, num_draws=draws, param_groups=component_groups(model))
+    monitor = LLCMonitor(
+        every_n_steps=args.every, num_chains=chains, num_draws=draws, param_groups=component_groups(model)
+    )
     watcher = TransitionMonitor(monitor="llc/attn/mean")
     attention = AttentionRecord(sum_sequences(256, seed=1).tensors[0], args.every)
     logger = TensorBoardLogger(args.log_dir, name="components")
     trainer = pl.Trainer(
-        max_steps=args.steps, callbacks=[monitor, watcher, attention], logger=logger, log_every_n_steps=10,
-        enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False, accelerator="cpu",
+        max_steps=args.steps,
+        callbacks=[monitor, watcher, attention],
+        logger=logger,
+        log_every_n_steps=10,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+        accelerator="cpu",
     )
     trainer.fit(model, DataLoader(sum_sequences(), batch_size=64, shuffle=True))
 
     groups = list(monitor.history[-1].result.groups)
     print("\nλ̂ of the full model and of each component; each head's attention on the tokens 1 and 2 positions back")
-    print(f"{'step':>6} {'full':>7} " + " ".join(f"{name:>7}" for name in groups) + "".join(f" {f'head{h} t-1/t-2':>16}" for h in range(HEADS)))
+    print(
+        f"{'step':>6} {'full':>7} "
+        + " ".join(f"{name:>7}" for name in groups)
+        + "".join(f" {f'head{h} t-1/t-2':>16}" for h in range(HEADS))
+    )
     for estimate in monitor.history:
         parts = " ".join(f"{estimate.result.groups[name].llc_mean:>7.1f}" for name in groups)
         weights = attention.by_step.get(estimate.step)
@@ -179,7 +197,7 @@ def main() -> None:
         print("  " + transition.describe())
     try:
         print(f"\nplot: {plot_runs(read_runs(Path(logger.log_dir)), Path(logger.log_dir) / 'components.png')}")
-    except CLIError as error:
+    except (ImportError, ValueError) as error:
         print(f"\nno plot: {error}")
     print(f"TensorBoard logs: {logger.log_dir}")
 

@@ -88,7 +88,11 @@ def main() -> None:
     logger = TensorBoardLogger(args.log_dir, name="digits")
     checkpoint = ModelCheckpoint(monitor="val_acc", mode="max")
     trainer = pl.Trainer(
-        max_epochs=epochs, logger=logger, accelerator="cpu", enable_model_summary=False, enable_progress_bar=False,
+        max_epochs=epochs,
+        logger=logger,
+        accelerator="cpu",
+        enable_model_summary=False,
+        enable_progress_bar=False,
         callbacks=[monitor, EarlyStopping(monitor="val_loss", patience=5), checkpoint],
     )
     trainer.fit(DigitsClassifier(), datamodule=DigitsData())

@@ -102,12 +102,20 @@ def main() -> None:
 
     pl.seed_everything(0)
     data = teacher_data()
-    monitor = LLCMonitor(every_n_steps=args.every, num_chains=4, num_draws=100, num_burnin_steps=50, epsilon=1e-4, gamma=300.0)
+    monitor = LLCMonitor(
+        every_n_steps=args.every, num_chains=4, num_draws=100, num_burnin_steps=50, epsilon=1e-4, gamma=300.0
+    )
     losses = LossAtEstimates()
     logger = TensorBoardLogger(args.log_dir, name="dln_stagewise")
     trainer = pl.Trainer(
-        max_steps=args.steps, callbacks=[monitor, losses], logger=logger, log_every_n_steps=20,
-        enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False, accelerator="cpu",
+        max_steps=args.steps,
+        callbacks=[monitor, losses],
+        logger=logger,
+        log_every_n_steps=20,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+        accelerator="cpu",
     )
     model = DeepLinearNetwork()
     trainer.fit(model, DataLoader(data, batch_size=100, shuffle=True))
@@ -115,14 +123,24 @@ def main() -> None:
     print(f"\n{'step':>6} {'train loss':>11} {'llc':>10} {'± std':>8}")
     for record in monitor.history:
         loss = losses.losses.get(record.step, float("nan"))
-        print(f"{record.step:>6} {loss:>11.4f} {record.llc_mean:>10.2f} {record.llc_std:>8.2f}{'' if record.healthy else '  unhealthy'}")
+        print(
+            f"{record.step:>6} {loss:>11.4f} {record.llc_mean:>10.2f} {record.llc_std:>8.2f}{'' if record.healthy else '  unhealthy'}"
+        )
     print(f"\n{len(monitor.transitions)} transition(s) reported:")
     for transition in monitor.transitions:
         print("  " + transition.describe())
     if not args.smoke:
         reference = estimate_llc(
-            model.net, data, gaussian_nll, batch_size=500, epsilon=3e-5, gamma=1.0, num_chains=4, num_draws=2000,
-            num_burnin_steps=1000, seed=0,
+            model.net,
+            data,
+            gaussian_nll,
+            batch_size=500,
+            epsilon=3e-5,
+            gamma=1.0,
+            num_chains=4,
+            num_draws=2000,
+            num_burnin_steps=1000,
+            seed=0,
         )
         print(
             f"\nfinal network, reference settings: llc = {reference.llc_mean:.2f} ± {reference.llc_std:.2f}; "

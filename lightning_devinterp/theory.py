@@ -1,5 +1,6 @@
 """Known learning coefficients, for checking estimates: Aoyagi's closed form for deep linear networks (Aoyagi 2024),
-and the exact expectation of the SGLD estimator on a quadratic loss."""
+and the exact expectation of the SGLD estimator on a quadratic loss.
+"""
 
 from __future__ import annotations
 
@@ -43,13 +44,24 @@ def aoyagi_lambda(widths: list[int], rank: int) -> float:
 
 
 def quadratic_sgld_llc(curvatures: list[float], nbeta: float, gamma: float, epsilon: float) -> float:
-    """Stationary E[λ̂] of the discretized SGLD chain for L(w) = ½ Σ h_i w_i² (GUIDE section 2)::
+    """The stationary expectation of λ̂ for SGLD on the quadratic loss L(w) = ½ Σ h_i w_i².
+
+    The chain is Gaussian there, and its stationary expectation (derived in docs/mathematics.md) is::
 
         Σ_i (nβ h_i / 2) / ((nβ h_i + γ) (1 − ε (nβ h_i + γ) / 4))
 
-    ``epsilon=0`` gives the continuous-time value. The chain is stable only if ε (nβ h_i + γ) < 4 for every i.
+    Args:
+        curvatures: the h_i.
+        nbeta: n times the inverse temperature.
+        gamma: the localization strength.
+        epsilon: the step size; 0 gives the continuous-time value.
+
+    Raises:
+        ValueError: the chain is unstable: ε (nβ h_i + γ) >= 4 for some i.
     """
     for h in curvatures:
         if epsilon * (nbeta * h + gamma) >= 4:
-            raise ValueError(f"epsilon = {epsilon:g} is unstable for curvature {h:g}: need epsilon (nbeta h + gamma) < 4.")
+            raise ValueError(
+                f"epsilon = {epsilon:g} is unstable for curvature {h:g}: need epsilon (nbeta h + gamma) < 4."
+            )
     return sum((nbeta * h / 2) / ((nbeta * h + gamma) * (1 - epsilon * (nbeta * h + gamma) / 4)) for h in curvatures)

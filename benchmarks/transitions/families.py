@@ -20,7 +20,6 @@ Controls, where every report is a false alarm:
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 FAMILIES = ("dln", "tms", "parity")
 CONTROLS = ("linear", "finetune", "digits", "noisy")
@@ -42,7 +41,9 @@ def gaussian_nll(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor
 class Trainee(pl.LightningModule):
     """A network, its loss on a batch, and plain SGD or Adam."""
 
-    def __init__(self, net: nn.Module, loss: Callable[[nn.Module, tuple], torch.Tensor], lr: float, adam: bool = False) -> None:
+    def __init__(
+        self, net: nn.Module, loss: Callable[[nn.Module, tuple], torch.Tensor], lr: float, adam: bool = False
+    ) -> None:
         super().__init__()
         self.net, self.loss, self.lr, self.adam = net, loss, lr, adam
 
@@ -124,7 +125,9 @@ def _tms(seed: int) -> Spec:
         generator = torch.Generator().manual_seed(seed)
         values = torch.rand(1024, features, generator=generator)
         x = values * (torch.rand(1024, features, generator=generator) < density)
-        return Trainee(ToyModel(features, generator), lambda net, batch: gaussian_nll(net(batch[0]), batch[0]), lr), TensorDataset(x)
+        return Trainee(
+            ToyModel(features, generator), lambda net, batch: gaussian_nll(net(batch[0]), batch[0]), lr
+        ), TensorDataset(x)
 
     return Spec("tms", f"{features} features, density {density:g}, lr {lr:g}", seed, 3000, 128, build)
 
@@ -148,7 +151,9 @@ def _linear(seed: int) -> Spec:
     def build() -> tuple[Trainee, TensorDataset]:
         generator = torch.Generator().manual_seed(seed)
         x = torch.randn(2000, 10, generator=generator)
-        data = TensorDataset(x, x @ torch.randn(10, 3, generator=generator) + 0.5 * torch.randn(2000, 3, generator=generator))
+        data = TensorDataset(
+            x, x @ torch.randn(10, 3, generator=generator) + 0.5 * torch.randn(2000, 3, generator=generator)
+        )
         torch.manual_seed(seed)
         return Trainee(nn.Linear(10, 3), _regression_loss, 0.01), data
 
@@ -179,7 +184,9 @@ def _digits(seed: int) -> Spec:
         images, labels = load_digits(return_X_y=True)
         torch.manual_seed(seed)
         net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
-        return Trainee(net, _classification_loss, 1e-3, adam=True), TensorDataset(torch.tensor(images, dtype=torch.float32) / 16, torch.tensor(labels))
+        return Trainee(net, _classification_loss, 1e-3, adam=True), TensorDataset(
+            torch.tensor(images, dtype=torch.float32) / 16, torch.tensor(labels)
+        )
 
     return Spec("digits", "MLP on digits, Adam 1e-3", seed, 3000, 64, build)
 
@@ -202,7 +209,13 @@ def _noisy(seed: int) -> Spec:
 
 
 BUILDERS: dict[str, Callable[[int], Spec]] = {
-    "dln": _dln, "tms": _tms, "parity": _parity, "linear": _linear, "finetune": _finetune, "digits": _digits, "noisy": _noisy,
+    "dln": _dln,
+    "tms": _tms,
+    "parity": _parity,
+    "linear": _linear,
+    "finetune": _finetune,
+    "digits": _digits,
+    "noisy": _noisy,
 }
 
 
@@ -222,7 +235,8 @@ LATEST_SEEDS = range(36, 48)
 def split(seed: int) -> str:
     """Which part of the benchmark a seed belongs to. Defaults are tuned on the even seeds below 12 and on seeds 24
     to 35 (recorded for a second round of tuning); the odd seeds below 12, the :data:`FRESH_SEEDS` and the
-    :data:`LATEST_SEEDS` are held out."""
+    :data:`LATEST_SEEDS` are held out.
+    """
     if seed in FRESH_SEEDS:
         return "fresh"
     if seed in LATEST_SEEDS:

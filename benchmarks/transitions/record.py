@@ -17,7 +17,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from families import Spec
+from benchmarks.transitions.families import Spec
 from lightning_devinterp import LLCMonitor
 
 GRID = 25
@@ -55,20 +55,38 @@ def record(spec: Spec, directory: Path = RECORDED) -> dict[str, Any]:
         return json.loads(path.read_text())
     pl.seed_everything(spec.seed, verbose=False)
     trainee, data = spec.build()
-    monitor = LLCMonitor(every_n_steps=GRID, num_chains=4, num_burnin_steps=10, num_draws=40, detector=False, seed=spec.seed)
+    monitor = LLCMonitor(
+        every_n_steps=GRID, num_chains=4, num_burnin_steps=10, num_draws=40, detector=False, seed=spec.seed
+    )
     recorder = Recorder(data)
     trainer = pl.Trainer(
-        max_steps=spec.steps, callbacks=[monitor, recorder], logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+        max_steps=spec.steps,
+        callbacks=[monitor, recorder],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(trainee, DataLoader(data, batch_size=spec.batch_size, shuffle=True))
     series = {
-        "family": spec.family, "name": spec.name, "seed": spec.seed, "steps": spec.steps,
-        "minibatch_loss": recorder.minibatch, "full_loss": recorder.full,
+        "family": spec.family,
+        "name": spec.name,
+        "seed": spec.seed,
+        "steps": spec.steps,
+        "minibatch_loss": recorder.minibatch,
+        "full_loss": recorder.full,
         "llc": [
-            {"step": r.step, "mean": r.llc_mean, "std": r.llc_std, "chains": r.result.num_chains_used, "healthy": r.healthy, "epsilon_changed": r.epsilon_changed}
+            {
+                "step": r.step,
+                "mean": r.llc_mean,
+                "std": r.llc_std,
+                "chains": r.result.num_chains_used,
+                "healthy": r.healthy,
+                "epsilon_changed": r.epsilon_changed,
+            }
             for r in monitor.history
         ],
     }

@@ -3,28 +3,24 @@ and print recall, false reports, latency and impossible values per family, separ
 three held-out sets (see ``families.split``). See families.py for the runs, ground_truth.py for what counts as a
 transition, score.py for the metrics.
 
-    python benchmarks/transitions/run.py [--seeds 48] [--families dln tms parity linear ...] [--jobs 2]
+    python -m benchmarks.transitions.run [--seeds 48] [--families dln tms parity linear ...] [--jobs 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from families import BUILDERS, CONTROLS, FAMILIES, split, specs  # noqa: E402
-from score import Score, agreement, score_run  # noqa: E402
+from benchmarks.transitions.families import BUILDERS, CONTROLS, FAMILIES, specs, split
+from benchmarks.transitions.score import Score, agreement, score_run
 
 
 def _record(spec_args: tuple[str, int]) -> dict:
     import torch
 
-    from families import BUILDERS as builders
-    from record import record
+    from benchmarks.transitions.families import BUILDERS as builders
+    from benchmarks.transitions.record import record
 
     torch.set_num_threads(1)
     family, seed = spec_args
@@ -38,9 +34,12 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1)))
     parser.add_argument("--baseline", type=int, default=100, help="steps between the baseline estimates")
     parser.add_argument("--no-densify", action="store_true", help="no extra estimates around transitions")
-    parser.add_argument("--no-fixed-loss", action="store_true", help="without L(w*), the loss on the monitor's fixed data")
     parser.add_argument(
-        "--offline", action="store_true",
+        "--no-fixed-loss", action="store_true", help="without L(w*), the loss on the monitor's fixed data"
+    )
+    parser.add_argument(
+        "--offline",
+        action="store_true",
         help="score post-hoc analysis instead (analyze over checkpoints every --baseline steps: λ̂ and L(w*), no training loss), "
         "with the share of the monitor's onsets it also finds",
     )
@@ -49,7 +48,9 @@ def main() -> None:
     with ProcessPoolExecutor(args.jobs) as pool:
         recorded = list(pool.map(_record, runs))
     agree = "  agree" if args.offline else ""
-    print(f"{'family':<10} {'split':<9} {'runs':>4} {'episodes':>8} {'recall':>7} {'false/run':>9} {'latency':>8} {'impossible':>10}{agree}")
+    print(
+        f"{'family':<10} {'split':<9} {'runs':>4} {'episodes':>8} {'recall':>7} {'false/run':>9} {'latency':>8} {'impossible':>10}{agree}"
+    )
     for family in args.families:
         for part in ("tuning", "held-out", "fresh", "latest"):
             chosen = [series for series in recorded if series["family"] == family and split(series["seed"]) == part]
@@ -57,7 +58,15 @@ def main() -> None:
                 continue
             total = Score()
             for series in chosen:
-                total.add(score_run(series, post_hoc=args.offline, baseline=args.baseline, densify=not args.no_densify, fixed_loss=not args.no_fixed_loss))
+                total.add(
+                    score_run(
+                        series,
+                        post_hoc=args.offline,
+                        baseline=args.baseline,
+                        densify=not args.no_densify,
+                        fixed_loss=not args.no_fixed_loss,
+                    )
+                )
             if args.offline:
                 matched, online = (sum(pair) for pair in zip(*(agreement(series, args.baseline) for series in chosen)))
                 agree = f"  {matched}/{online}"

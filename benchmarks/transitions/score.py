@@ -23,12 +23,13 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-from families import CONTROLS
-from ground_truth import Episode, episodes
+from benchmarks.transitions.families import CONTROLS
+from benchmarks.transitions.ground_truth import Episode, episodes
+from benchmarks.transitions.record import GRID
 from lightning_devinterp.detection.combined import TransitionEvidence, detect_transitions
-from lightning_devinterp.detection.detector import Transition, TransitionDetector
+from lightning_devinterp.detection.level_shifts import LevelShiftDetector
 from lightning_devinterp.detection.loss_drops import FIXED_DATA_METRIC, LossDropDetector
-from record import GRID
+from lightning_devinterp.detection.transition import Transition
 
 RECALL_BEFORE = 100
 RECALL_AFTER = 150
@@ -43,10 +44,11 @@ def replay(
     fixed_loss: bool = True,
 ) -> tuple[list[Transition], list[tuple[int, float]]]:
     """The reports the monitor would make on this run, and the (step, λ̂) points it would have seen. Settings
-    (``None`` for a detector turns it off) default to the detectors' defaults."""
+    (``None`` for a detector turns it off) default to the detectors' defaults.
+    """
     evidence = TransitionEvidence(
         LossDropDetector(**loss_settings) if loss_settings is not None else None,
-        TransitionDetector(**llc_settings) if llc_settings is not None else None,
+        LevelShiftDetector(**llc_settings) if llc_settings is not None else None,
     )
     estimates = {entry["step"]: entry for entry in series["llc"]}
     full_loss = sorted(series["full_loss"])
@@ -58,7 +60,9 @@ def replay(
         found = evidence.observe_loss(step, loss)
         if found is not None:
             reports.append(found)
-        due = step > 0 and (step % baseline == 0 or (densify and evidence.wants_dense_estimates and step - last >= GRID))
+        due = step > 0 and (
+            step % baseline == 0 or (densify and evidence.wants_dense_estimates and step - last >= GRID)
+        )
         epsilon_changed = epsilon_changed or (step in estimates and estimates[step]["epsilon_changed"])
         if due and step in estimates:
             last = step
@@ -67,7 +71,11 @@ def replay(
                 evidence.reset_llc()
                 epsilon_changed = False
             seen.append((step, entry["mean"]))
-            standard_error = entry["std"] / math.sqrt(entry["chains"]) if entry["chains"] > 1 and math.isfinite(entry["std"]) else None
+            standard_error = (
+                entry["std"] / math.sqrt(entry["chains"])
+                if entry["chains"] > 1 and math.isfinite(entry["std"])
+                else None
+            )
             at_w_star = _loss_at(full_loss, step) if fixed_loss else None
             found = evidence.observe_llc(step, entry["mean"], standard_error, entry["healthy"], fixed_loss=at_w_star)
             if found is not None:
@@ -82,7 +90,8 @@ def _loss_at(full_loss: list[tuple[int, float]], step: int) -> float | None:
 
 def offline(series: dict[str, Any], baseline: int = 100) -> tuple[list[Transition], list[tuple[int, float]]]:
     """What ``lightning-devinterp analyze`` reports from checkpoints every ``baseline`` steps: λ̂, its health and
-    L(w*) at each, no training loss and no denser estimates; and the (step, λ̂) points it saw."""
+    L(w*) at each, no training loss and no denser estimates; and the (step, λ̂) points it saw.
+    """
     full_loss = sorted(series["full_loss"])
     chosen = [entry for entry in series["llc"] if entry["step"] > 0 and entry["step"] % baseline == 0]
     reports = detect_transitions(
@@ -97,7 +106,11 @@ def offline(series: dict[str, Any], baseline: int = 100) -> tuple[list[Transitio
 
 def agreement(series: dict[str, Any], baseline: int = 100) -> tuple[int, int]:
     """How many of the online onsets have an offline one (:func:`offline`) within ``baseline`` steps, of how many."""
-    online = [report.step for report in replay(series, baseline=baseline, loss_settings={}, llc_settings={})[0] if report.is_onset]
+    online = [
+        report.step
+        for report in replay(series, baseline=baseline, loss_settings={}, llc_settings={})[0]
+        if report.is_onset
+    ]
     later = [report.step for report in offline(series, baseline)[0] if report.is_onset]
     return sum(any(abs(step - other) <= baseline for other in later) for step in online), len(online)
 
@@ -112,7 +125,7 @@ class Score:
     impossible: int = 0
     latencies: list[int] = field(default_factory=list)
 
-    def add(self, other: "Score") -> None:
+    def add(self, other: Score) -> None:
         for name in ("runs", "episodes", "found", "false", "reports", "impossible"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.latencies += other.latencies
@@ -126,7 +139,8 @@ class Score:
 
 def score_run(series: dict[str, Any], post_hoc: bool = False, **replay_kwargs: Any) -> Score:
     """Score the monitor's reports (or, ``post_hoc``, those of :func:`offline`) on one run. A control run has no
-    episode by definition: every report there is a false alarm."""
+    episode by definition: every report there is a false alarm.
+    """
     truth: list[Episode] = [] if series["family"] in CONTROLS else episodes(series["full_loss"])
     if post_hoc:
         reports, seen = offline(series, replay_kwargs.get("baseline", 100))
@@ -144,7 +158,11 @@ def score_run(series: dict[str, Any], post_hoc: bool = False, **replay_kwargs: A
     result.false = len(unused)
     losses = series["minibatch_loss"]
     for report in onsets:
-        shown = [v for s, v in {"train_loss": losses, FIXED_DATA_METRIC: series["full_loss"]}.get(report.metric, seen) if s <= report.step]
+        shown = [
+            v
+            for s, v in {"train_loss": losses, FIXED_DATA_METRIC: series["full_loss"]}.get(report.metric, seen)
+            if s <= report.step
+        ]
         if shown and not (min(shown) - 1e-9 <= report.before <= max(shown) + 1e-9):
             result.impossible += 1
     return result

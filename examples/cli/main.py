@@ -15,7 +15,7 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningCLI
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from digits import DigitsClassifier, DigitsData  # noqa: E402
+from digits import DigitsClassifier, DigitsData
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """LLCMonitor: estimate the local learning coefficient during ``Trainer.fit`` and log it beside the loss.
 
-The callback is the Lightning adapter: its hooks decide *when*, :class:`~lightning_devinterp.callbacks.tracker.LLCTracker`
+The callback is the Lightning adapter: its hooks decide *when*, :class:`~lightning_devinterp.tracking.tracker.LLCTracker`
 does the work, :mod:`~lightning_devinterp.callbacks.reporting` writes the results; the callback also holds the
 persisted state and the error policy.
 """
@@ -13,7 +13,8 @@ import functools
 import logging
 import math
 import time
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Any, Literal, cast
 
 import lightning.pytorch as pl
 import torch
@@ -23,6 +24,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
+from lightning_devinterp import metric_names as names
 from lightning_devinterp._checks import check_callable, check_count, is_integer
 from lightning_devinterp._rng import preserved_rng_states
 from lightning_devinterp.callbacks.reporting import (
@@ -33,16 +35,18 @@ from lightning_devinterp.callbacks.reporting import (
     report_estimate,
     write_run_header,
 )
-from lightning_devinterp.callbacks.schedule import EstimateSchedule
-from lightning_devinterp.callbacks.tracker import SMALLEST, EstimateInputs, LLCRecord, LLCTracker, Processes
 from lightning_devinterp.callbacks.training_data import TrainingData
 from lightning_devinterp.detection.combined import TransitionEvidence
-from lightning_devinterp.detection.detector import Transition, TransitionDetector
+from lightning_devinterp.detection.level_shifts import LevelShiftDetector
 from lightning_devinterp.detection.loss_drops import LossDropDetector
+from lightning_devinterp.detection.transition import Transition
 from lightning_devinterp.sampling.calibration import CalibrationResult
 from lightning_devinterp.sampling.config import SamplingConfig, check_setting_names
 from lightning_devinterp.sampling.model_view import LossFn, resolve_loss_fn
 from lightning_devinterp.sampling.params import select_parameter_names
+from lightning_devinterp.tracking.distributed import Collective
+from lightning_devinterp.tracking.schedule import EstimateSchedule
+from lightning_devinterp.tracking.tracker import SMALLEST, EstimateInputs, LLCRecord, LLCTracker, Processes
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,7 @@ reading them does not force a device synchronisation at every step."""
 DENSE_EVERY = 25
 """While a transition may be under way, the budgeted schedule adds an estimate every this many steps (if the
 budget has room for it beyond the planned ones)."""
+
 
 class LLCEstimateWarning(UserWarning):
     """An estimate failed and was skipped (``on_error="warn"``), or was marked unhealthy; training went on."""
@@ -69,55 +74,55 @@ class FitHistory:
 
 
 class LLCMonitor(Callback):
-    """Estimate λ̂ every so often during training, log it to every logger, and flag sudden jumps.
+    """Estimate λ̂ every so often during training, log it beside the loss, and report phase transitions.
 
-    Add it to a Trainer and nothing else changes: the estimate runs on the live module through a functional view
-    (no deep copy), from a private data stream and private generators, so a seeded run ends with bit-identical
-    weights and RNG states with or without the monitor.
+    Add it to a Trainer and nothing else about the run changes: estimates run on the live module through a
+    functional view (no deep copy), from a private data stream and private generators, so a seeded run ends with
+    bit-identical weights and RNG states with or without the monitor. Under ``fast_dev_run`` it does nothing; under
+    DDP the chains are split across ranks and gathered, so every rank holds the same history; sharded strategies
+    (FSDP, DeepSpeed, ModelParallel) are rejected in ``setup``.
 
-    Schedule (choose at most one; default ``max_overhead=0.1``): ``every_n_steps``, ``log_spaced`` (K estimates
-    log-uniform over the run) or ``max_overhead`` (estimate whenever the monitor's share of wall time stays at or
-    below this fraction). Estimates also run at step 0 and at the end of training (the latter within the budget in
-    ``max_overhead`` mode). Under ``fast_dev_run`` the monitor does nothing.
+    Each estimate is logged at ``trainer.global_step`` to every logger (the names are in
+    :mod:`lightning_devinterp.metric_names`); a healthy one also goes to ``trainer.callback_metrics`` (so
+    ``EarlyStopping`` and ``ModelCheckpoint`` can monitor ``llc/mean``) and the progress bar. Transitions are found
+    from the training loss at every step, each estimate's L(w*) and λ̂ itself (see
+    :class:`~lightning_devinterp.detection.combined.TransitionEvidence`); each report is a
+    :class:`~lightning_devinterp.TransitionWarning`, a logged marker and text, optionally a checkpoint, and a call
+    of ``on_transition``. The history, schedule, step size and detector state are saved in checkpoints, so a resumed
+    run neither repeats nor forgets an estimate. See docs/monitor.md for the whole story.
 
-    Sampling settings (``**sampling``) are those of :class:`~lightning_devinterp.SamplingConfig`, as for
-    :func:`~lightning_devinterp.estimate_llc`; the chain shape defaults here are lighter (4 chains, 100 draws after
-    50 burn-in steps) because estimates repeat. ``epsilon="auto"`` runs :func:`~lightning_devinterp.calibrate` at
-    the first estimate and keeps its choice for the whole run (logged as ``llc/epsilon``, with the calibration
-    table as TensorBoard text, and kept in checkpoints); while no epsilon qualifies (early in training w* is rarely
-    near a minimum) the estimate is skipped with a warning and calibration is retried at the next one. ``nbeta``
-    defaults to ``n / log n`` with n the training set size; for an iterable training set without a length, pass
-    ``nbeta``.
+    Args:
+        every_n_steps: estimate at the first step past every multiple of this many optimizer steps, at step 0 and at
+            the end. At most one of ``every_n_steps``, ``log_spaced`` and ``max_overhead`` may be given.
+        log_spaced: estimate at this many steps spaced log-uniformly over the run (needs a known run length), at
+            step 0 and at the end.
+        max_overhead: the default schedule (0.1 when no schedule is given): 30 planned estimates, dense early,
+            each sized so that the monitor's wall time stays within this fraction of the training time (stretched
+            up to twice that on short runs, to afford a curve of 20), with extra estimates while a transition may
+            be under way.
+        loss_fn: ``loss_fn(module, batch) -> scalar`` mean negative log-likelihood; default the module's
+            ``training_step`` loss with ``self.log`` silenced (modules with manual optimization must pass one).
+        dataloader: the data to sample on; default a private view of the training dataset (its collate_fn and
+            batch size, no workers, its own generator) or, for an iterable dataset, the last ``buffer_size``
+            training batches.
+        seed: seeds the chains; with the training step and the rank it makes every estimate reproducible.
+        detector: the detector of shifts between settled λ̂ levels; ``False`` turns it off.
+        loss_detector: the detector of falls of the loss after a plateau; ``False`` turns it off.
+        on_transition: called as ``on_transition(trainer, pl_module, transition)`` at each report.
+        save_checkpoint: save a checkpoint at each report (``transition-<metric>-step=<step>.ckpt``).
+        on_error: ``"warn"``: an estimate that raises is skipped with an
+            :class:`LLCEstimateWarning` (the same failure again goes to the INFO log only); ``"raise"``: re-raise.
+        buffer_size: training batches kept for iterable training data.
+        clock: the wall clock the budget reads (seconds); a deterministic one makes the budgeted schedule
+            reproducible, e.g. in tests or simulations.
+        **sampling: the sampling settings of :class:`~lightning_devinterp.SamplingConfig`. Chain-shape settings
+            left unset are sized to the budget (4 chains; 10-50 burn-in steps; 30-200 draws); ``epsilon="adaptive"``
+            (the default) adapts the step at the first estimate after step 0 and keeps it, adapting again only when
+            health demands; ``epsilon="auto"`` calibrates at the first estimate and keeps the choice; ``nbeta``
+            defaults to n / log n with n the training set size (pass it for iterable data without a length).
 
-    Data: by default a private view of the training dataset (its collate_fn, the training batch size, its own
-    generator, no workers); for an iterable dataset, the last ``buffer_size`` training batches. Or pass
-    ``dataloader``. Loss: ``loss_fn(module, batch)``, default the module's ``training_step`` loss with ``self.log``
-    silenced (modules with manual optimization must pass ``loss_fn``).
-
-    Logged at ``trainer.global_step`` to every logger: ``llc/mean``, ``llc/std``, ``llc/lower``, ``llc/upper``
-    (mean ± std), ``llc/init_loss``, ``llc/nbeta``, ``llc/epsilon``, ``llc/acceptance`` (mean MALA acceptance),
-    ``llc/healthy`` (1 or 0) and ``llc/seconds``. ``llc/mean``
-    is also in ``trainer.callback_metrics`` (for EarlyStopping/ModelCheckpoint) and the progress bar shows ``llc``.
-    With a TensorBoardLogger a custom-scalars layout ("devinterp") and the configuration as text are written once.
-
-    Transitions (:class:`~lightning_devinterp.detection.combined.TransitionEvidence`): the training loss at every
-    step goes to ``loss_detector`` (a :class:`LossDropDetector` by default), whose onsets, a fall after a plateau,
-    are reported at once; so does each estimate's L(w*), the loss on the monitor's data, which has no minibatch
-    noise and so shows a slow fall sooner (not when that data is a buffer of recent batches, which changes); each
-    estimate goes to ``detector`` (a :class:`TransitionDetector`), whose shifts between
-    settled λ̂ levels are reported when no loss drop explains them, and each drop's end report gives λ̂ before and
-    after it. Each report says which evidence fired. ``False`` turns either off. While a transition may be under
-    way, the default schedule estimates every 25 steps if the budget has room, so transitions come with λ̂ points.
-    A report warns with :class:`TransitionWarning`, is logged (a marker on the λ̂ chart, ``transitions/onset`` or
-    ``transitions/end``), optionally checkpointed (``save_checkpoint``) and passed to
-    ``on_transition(trainer, pl_module, transition)``.
-
-    Faults: an estimate that raises is reported as :class:`LLCEstimateWarning` and skipped (``on_error="warn"``;
-    the same failure again only goes to the INFO log) or re-raised (``"raise"``). A monitor reused for a second
-    ``fit`` starts a fresh history and keeps the first in ``previous_fits``; a resume continues the saved history,
-    also one saved under another configuration (a changed schedule) if it is the only one. Under DDP the chains are
-    split across ranks and gathered, so every rank holds the same history; sharded strategies (FSDP, DeepSpeed,
-    ModelParallel) are rejected.
+    Raises:
+        ValueError, TypeError: a bad argument, named in the message.
     """
 
     def __init__(
@@ -128,27 +133,30 @@ class LLCMonitor(Callback):
         loss_fn: LossFn | None = None,
         dataloader: DataLoader | None = None,
         seed: int = 0,
-        detector: TransitionDetector | Literal[False] | None = None,
+        detector: LevelShiftDetector | Literal[False] | None = None,
         loss_detector: LossDropDetector | Literal[False] | None = None,
         on_transition: TransitionHook | None = None,
         save_checkpoint: bool = False,
         on_error: Literal["warn", "raise"] = "warn",
         buffer_size: int = 32,
+        clock: Callable[[], float] = time.perf_counter,
         **sampling: Any,
     ) -> None:
         super().__init__()
         check_setting_names(sampling)
         self.config = SamplingConfig(**sampling)
-        self.schedule = EstimateSchedule(every_n_steps, log_spaced, max_overhead)
+        self.schedule = EstimateSchedule(every_n_steps, log_spaced, max_overhead, clock=clock)
         check_callable("loss_fn", loss_fn, "loss_fn(module, batch)")
         if dataloader is not None and not isinstance(dataloader, DataLoader):
             raise TypeError(f"dataloader must be a torch DataLoader, got {type(dataloader).__name__}.")
         if not is_integer(seed):
             raise ValueError(f"seed must be an integer, got {seed!r}.")
-        if detector is not None and detector is not False and not isinstance(detector, TransitionDetector):
-            raise TypeError(f"detector must be a TransitionDetector, False or None, got {type(detector).__name__}.")
+        if detector is not None and detector is not False and not isinstance(detector, LevelShiftDetector):
+            raise TypeError(f"detector must be a LevelShiftDetector, False or None, got {type(detector).__name__}.")
         if loss_detector is not None and loss_detector is not False and not isinstance(loss_detector, LossDropDetector):
-            raise TypeError(f"loss_detector must be a LossDropDetector, False or None, got {type(loss_detector).__name__}.")
+            raise TypeError(
+                f"loss_detector must be a LossDropDetector, False or None, got {type(loss_detector).__name__}."
+            )
         check_callable("on_transition", on_transition, "on_transition(trainer, pl_module, transition)")
         if on_error not in ("warn", "raise"):
             raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}.")
@@ -161,9 +169,10 @@ class LLCMonitor(Callback):
         self.data = TrainingData(dataloader, self.config.batch_size, buffer_size, self.config.max_samples)
         evidence = TransitionEvidence(
             None if loss_detector is False else loss_detector or LossDropDetector(),
-            None if detector is False else detector or TransitionDetector(metric="llc/mean"),
+            None if detector is False else detector or LevelShiftDetector(metric=names.LLC_MEAN),
         )
-        self.tracker = LLCTracker(self.config, seed, evidence)
+        self.tracker = LLCTracker(self.config, seed, evidence, clock=clock)
+        self.clock = clock
         self._losses: list[tuple[int, Any]] = []
         self.previous_fits: list[FitHistory] = []
         self._reset_warnings()
@@ -189,7 +198,7 @@ class LLCMonitor(Callback):
         return self.tracker.transitions
 
     @property
-    def detector(self) -> TransitionDetector | None:
+    def detector(self) -> LevelShiftDetector | None:
         """The detector on λ̂ (None when turned off)."""
         return self.tracker.evidence.llc
 
@@ -244,7 +253,8 @@ class LLCMonitor(Callback):
 
     def _start_a_new_history(self) -> None:
         """A monitor reused for another fit (not a resume) keeps the earlier fit's estimates in ``previous_fits``
-        and starts afresh: steps of two runs must not mix, nor the first run's last step silence the second's."""
+        and starts afresh: steps of two runs must not mix, nor the first run's last step silence the second's.
+        """
         if not self._restored and (self.tracker.history or self.tracker.transitions):
             self.previous_fits.append(FitHistory(list(self.tracker.history), list(self.tracker.transitions)))
             self.tracker.reset()
@@ -260,7 +270,7 @@ class LLCMonitor(Callback):
             self._start(trainer, pl_module)
 
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.fast_dev_run:
+        if getattr(trainer, "fast_dev_run", False):
             self._disabled = True
             rank_zero_info("LLCMonitor: fast_dev_run is set, so no LLC estimates are taken.")
             return
@@ -271,15 +281,27 @@ class LLCMonitor(Callback):
             self.tracker.start(self.data.num_samples)
         except ValueError as error:
             raise MisconfigurationException(f"LLCMonitor: the training set has no length. {error}") from None
-        settings = {**dataclasses.asdict(self.config), "nbeta (used)": self.tracker.nbeta, "schedule": self.schedule.describe(), "seed": self.seed}
+        settings = {
+            **dataclasses.asdict(self.config),
+            "nbeta (used)": self.tracker.nbeta,
+            "schedule": self.schedule.describe(),
+            "seed": self.seed,
+        }
         write_run_header(trainer, settings)
         rank_zero_info(f"LLCMonitor: estimating {self.schedule.describe()}, nbeta = {self.tracker.nbeta:.6g}.")
-        if self.schedule.estimates_step_zero and trainer.global_step == 0 and self.tracker.last_step < 0 and not self.data.buffers_batches:
+        if (
+            self.schedule.estimates_step_zero
+            and trainer.global_step == 0
+            and self.tracker.last_step < 0
+            and not self.data.buffers_batches
+        ):
             self._estimate(trainer, pl_module)
 
     # ---- when ----------------------------------------------------------------------------------------------
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         """Buffer the batch (iterable data); with a buffer, the step-0 estimate waits for this first batch."""
         if self._disabled or not self.data.buffers_batches:
             return
@@ -288,7 +310,9 @@ class LLCMonitor(Callback):
             if self.schedule.estimates_step_zero and trainer.global_step == 0 and self.tracker.last_step < 0:
                 self._estimate(trainer, pl_module)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self._disabled:
             return
         with self.schedule.timed():
@@ -310,7 +334,11 @@ class LLCMonitor(Callback):
         """A planned or scheduled step, or (default schedule) a denser estimate while a transition may be under way."""
         if self.schedule.is_due(step, self.tracker.last_step):
             return True
-        dense = self.schedule.is_budgeted and self.tracker.evidence.wants_dense_estimates and step - self.tracker.last_step >= DENSE_EVERY
+        dense = (
+            self.schedule.is_budgeted
+            and self.tracker.evidence.wants_dense_estimates
+            and step - self.tracker.last_step >= DENSE_EVERY
+        )
         return dense and self.schedule.has_room(step, self.tracker.smallest_cost())
 
     def _remember_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, outputs: Any) -> None:
@@ -339,7 +367,12 @@ class LLCMonitor(Callback):
 
     def _announce(self, trainer: pl.Trainer, pl_module: pl.LightningModule, transition: Transition) -> None:
         announce_transition(
-            trainer, pl_module, transition, llc_value=self.tracker.llc_marker(), on_transition=self.on_transition, save_checkpoint=self.save_checkpoint
+            trainer,
+            pl_module,
+            transition,
+            llc_value=self.tracker.llc_marker(),
+            on_transition=self.on_transition,
+            save_checkpoint=self.save_checkpoint,
         )
 
     def _agreed(self, trainer: pl.Trainer, decision: bool) -> bool:
@@ -353,8 +386,9 @@ class LLCMonitor(Callback):
     def _estimate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = trainer.global_step
         self.tracker.last_step = step
-        started = time.perf_counter()
-        processes = Processes(trainer.world_size, trainer.global_rank, trainer.strategy if trainer.world_size > 1 else None)
+        started = self.clock()
+        collective = cast(Collective, trainer.strategy) if trainer.world_size > 1 else None
+        processes = Processes(trainer.world_size, trainer.global_rank, collective)
         allowance = self.schedule.allowance(step, self.tracker.smallest_cost())
         shape = processes.agree(self.tracker.shape_for(allowance, budgeted=self.schedule.is_budgeted))
         if shape is None:
@@ -365,7 +399,9 @@ class LLCMonitor(Callback):
         try:
             with preserved_rng_states():
                 source = self.data.source(pl_module.device)
-            inputs = EstimateInputs(pl_module, self._resolved_loss, source, processes, trainer.strategy.precision_plugin.forward_context)
+            inputs = EstimateInputs(
+                pl_module, self._resolved_loss, source, processes, trainer.strategy.precision_plugin.forward_context
+            )
             if self.tracker.epsilon is None and self.config.epsilon == "auto":
                 calibration = self.tracker.calibrate(step, inputs)
                 rank_zero_info(
@@ -375,13 +411,13 @@ class LLCMonitor(Callback):
             previous_epsilon = self.tracker.epsilon
             result, epsilon_changed = self.tracker.sample(step, inputs, shape)
         except Exception as error:
-            self.schedule.record(time.perf_counter() - started)
+            self.schedule.record(self.clock() - started)
             trainer.progress_bar_metrics.pop("llc", None)
             if self.on_error == "raise":
                 raise
             self._warn_once_per_failure(step, error)
             return
-        record = self.tracker.record(step, result, time.perf_counter() - started, epsilon_changed)
+        record = self.tracker.record(step, result, self.clock() - started, epsilon_changed)
         if previous_epsilon is None or epsilon_changed:
             report_epsilon(trainer, record, previous_epsilon)
         report_estimate(trainer, record)
@@ -389,15 +425,20 @@ class LLCMonitor(Callback):
         transition = self.tracker.detect(record, fixed_data=not self.data.buffers_batches)
         if transition is not None:
             self._announce(trainer, pl_module, transition)
-        self.schedule.record(time.perf_counter() - started)
+        self.schedule.record(self.clock() - started)
 
     def _say_once_what_the_budget_affords(self, step: int) -> None:
         """A planned estimate did not fit the budget even at its smallest: say once what the plan would cost."""
         if self._warned_budget:
             return
         self._warned_budget = True
+        assert self.schedule.max_overhead is not None
         smallest = self.tracker.smallest_cost() or 0.0
-        training = max(self.schedule.elapsed() - self.schedule.own_seconds, 1e-9) / max(step, 1) * (self.schedule.total_steps or step)
+        training = (
+            max(self.schedule.elapsed() - self.schedule.own_seconds, 1e-9)
+            / max(step, 1)
+            * (self.schedule.total_steps or step)
+        )
         planned = len(self.schedule.plan or []) or 1
         rank_zero_warn(
             f"LLCMonitor: even the smallest estimate ({SMALLEST.num_chains} chains x {SMALLEST.num_steps} SGLD steps) takes about {smallest:.2g}s here, so within "
@@ -433,7 +474,11 @@ class LLCMonitor(Callback):
     # ---- persistence ---------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {**self.tracker.state_dict(), "schedule": self.schedule.state_dict(), "warned_unhealthy": self._warned_unhealthy}
+        return {
+            **self.tracker.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "warned_unhealthy": self._warned_unhealthy,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.tracker.load_state_dict(state_dict)
@@ -441,10 +486,13 @@ class LLCMonitor(Callback):
         self._warned_unhealthy = state_dict.get("warned_unhealthy", False)
         self._restored = True
 
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         """A checkpoint saved by a monitor with another configuration (a changed schedule, say) is stored under another
         key, which Lightning would skip with a generic warning. With exactly one such state and none of this
-        monitor's own, continue its history and say so; with several, say why none is continued."""
+        monitor's own, continue its history and say so; with several, say why none is continued.
+        """
         saved = checkpoint.get("callbacks", {})
         if self.state_key in saved:
             return

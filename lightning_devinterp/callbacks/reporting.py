@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -12,22 +13,28 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_devinterp.callbacks.tracker import LLCRecord
-from lightning_devinterp.detection.detector import Transition, TransitionWarning
+from lightning_devinterp import metric_names as names
+from lightning_devinterp.detection.transition import Transition, TransitionWarning
 from lightning_devinterp.sampling.calibration import CalibrationResult
+from lightning_devinterp.tracking.tracker import LLCRecord
 
 log = logging.getLogger(__name__)
 
 TransitionHook = Callable[[pl.Trainer, pl.LightningModule, Transition], None]
 
+
+def _exactly(name: str) -> str:
+    return f"^{re.escape(name)}$"
+
+
 TENSORBOARD_LAYOUT = {
     "devinterp": {
-        "LLC (mean ± std over chains)": ["Margin", ["llc/mean", "llc/lower", "llc/upper"]],
-        "LLC, transitions marked": ["Multiline", [r"^llc/mean$", r"^llc/transitions$"]],
-        "LLC by component (param_groups)": ["Multiline", [r"^llc/mean$", r"^llc/[^/]+/mean$"]],
+        "LLC (mean ± std over chains)": ["Margin", [names.LLC_MEAN, names.LLC_LOWER, names.LLC_UPPER]],
+        "LLC, transitions marked": ["Multiline", [_exactly(names.LLC_MEAN), _exactly(names.LLC_TRANSITIONS)]],
+        "LLC by component (param_groups)": ["Multiline", [_exactly(names.LLC_MEAN), names.GROUP_MEAN.pattern]],
         "Training loss": ["Multiline", [r"^(train[_/-]?)?loss(_step|_epoch)?$"]],
-        "LLC health (1 = healthy)": ["Multiline", [r"^llc/healthy$"]],
-        "Transitions (onsets and ends, score)": ["Multiline", [r"^transitions/.*"]],
+        "LLC health (1 = healthy)": ["Multiline", [_exactly(names.LLC_HEALTHY)]],
+        "Transitions (onsets and ends, score)": ["Multiline", [f"^{re.escape(names.TRANSITIONS_PREFIX)}.*"]],
     }
 }
 """The custom-scalars charts written once per run (TensorBoard regexes are matched with ``re.match``). λ̂ and the
@@ -35,6 +42,7 @@ loss have charts of their own: TensorBoard draws one y-axis per chart, and their
 
 
 def tensorboard_loggers(trainer: pl.Trainer) -> list[TensorBoardLogger]:
+    """The trainer's TensorBoard loggers (none under ``fast_dev_run``, which replaces the loggers)."""
     return [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
 
 
@@ -45,6 +53,7 @@ def log_scalars(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> No
 
 
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    """A Markdown table, as TensorBoard's text dashboard renders it."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])
 
@@ -62,7 +71,17 @@ def report_calibration(trainer: pl.Trainer, calibration: CalibrationResult, step
     rows = sorted(calibration.table, key=lambda row: (row["nbeta"], row["epsilon"]))
     table = markdown_table(
         ["epsilon", "nbeta", "llc", "acceptance", "healthy", "stable"],
-        [[f"{r['epsilon']:.3g}", f"{r['nbeta']:.4g}", f"{r['llc_mean']:.4g}", f"{r['acceptance']:.3f}", r["healthy"], r["stable"]] for r in rows],
+        [
+            [
+                f"{r['epsilon']:.3g}",
+                f"{r['nbeta']:.4g}",
+                f"{r['llc_mean']:.4g}",
+                f"{r['acceptance']:.3f}",
+                r["healthy"],
+                r["stable"],
+            ]
+            for r in rows
+        ],
     )
     for logger in tensorboard_loggers(trainer):
         logger.experiment.add_text("devinterp/calibration", f"{calibration.message}\n\n{table}", global_step=step)
@@ -90,36 +109,45 @@ def report_estimate(trainer: pl.Trainer, record: LLCRecord) -> None:
     ``trainer.callback_metrics`` (``llc/mean``, each ``llc/<group>/mean``, and ``llc/step``, the step it was taken at)
     and the progress bar;
     an unhealthy one does not, and the progress bar drops ``llc`` until a healthy one comes, so that neither shows
-    a number that is not a measurement."""
+    a number that is not a measurement.
+    """
     result = record.result
     log_scalars(
         trainer,
         {
-            "llc/mean": record.llc_mean,
-            "llc/std": record.llc_std,
-            "llc/lower": record.llc_mean - record.llc_std,
-            "llc/upper": record.llc_mean + record.llc_std,
-            "llc/init_loss": result.init_loss,
-            "llc/nbeta": result.nbeta,
-            "llc/acceptance": result.acceptance_mean,
-            "llc/epsilon": result.epsilon,
-            "llc/healthy": float(result.healthy),
-            "llc/seconds": record.seconds,
-            **{f"llc/{name}/{field}": value for name, group in result.groups.items() for field, value in (("mean", group.llc_mean), ("std", group.llc_std))},
+            names.LLC_MEAN: record.llc_mean,
+            names.LLC_STD: record.llc_std,
+            names.LLC_LOWER: record.llc_mean - record.llc_std,
+            names.LLC_UPPER: record.llc_mean + record.llc_std,
+            names.LLC_INIT_LOSS: result.init_loss,
+            names.LLC_NBETA: result.nbeta,
+            names.LLC_ACCEPTANCE: result.acceptance_mean,
+            names.LLC_EPSILON: result.epsilon,
+            names.LLC_HEALTHY: float(result.healthy),
+            names.LLC_SECONDS: record.seconds,
+            **{
+                names.group_metric(name, field): value
+                for name, group in result.groups.items()
+                for field, value in (("mean", group.llc_mean), ("std", group.llc_std))
+            },
         },
         record.step,
     )
     if result.healthy:
-        trainer.callback_metrics["llc/mean"] = torch.tensor(record.llc_mean)
-        trainer.callback_metrics["llc/step"] = torch.tensor(float(record.step))
+        trainer.callback_metrics[names.LLC_MEAN] = torch.tensor(record.llc_mean)
+        trainer.callback_metrics[names.LLC_STEP] = torch.tensor(float(record.step))
         for name, group in result.groups.items():
-            trainer.callback_metrics[f"llc/{name}/mean"] = torch.tensor(group.llc_mean)
+            trainer.callback_metrics[names.group_metric(name, "mean")] = torch.tensor(group.llc_mean)
         trainer.progress_bar_metrics["llc"] = round(record.llc_mean, 3)
     else:
         trainer.progress_bar_metrics.pop("llc", None)
     if trainer.is_global_zero:
         log.info(
-            "step %d: llc = %.4g ± %.3g (%.2fs)%s", record.step, record.llc_mean, record.llc_std, record.seconds,
+            "step %d: llc = %.4g ± %.3g (%.2fs)%s",
+            record.step,
+            record.llc_mean,
+            record.llc_std,
+            record.seconds,
             "" if result.healthy else " [unhealthy: " + " ".join(result.warnings) + "]",
         )
 
@@ -127,7 +155,9 @@ def report_estimate(trainer: pl.Trainer, record: LLCRecord) -> None:
 def transition_checkpoint_path(trainer: pl.Trainer, transition: Transition) -> str:
     """``<checkpoint dir>/transition-<metric>-step=<step>.ckpt``, beside the trainer's own checkpoints."""
     callback = trainer.checkpoint_callback
-    directory = getattr(callback, "dirpath", None) or os.path.join(trainer.log_dir or trainer.default_root_dir, "checkpoints")
+    directory = getattr(callback, "dirpath", None) or os.path.join(
+        trainer.log_dir or trainer.default_root_dir, "checkpoints"
+    )
     metric = transition.metric.replace("/", "_")
     return os.path.join(directory, f"transition-{metric}-step={transition.step}.ckpt")
 
@@ -151,13 +181,14 @@ def announce_transition(
     rank_zero_warn(message, category=TransitionWarning)
     if trainer.is_global_zero:
         log.info(message)
-    kind = "onset" if transition.is_onset else "end"
-    scalars = {f"transitions/{kind}": transition.score}
+    scalars = {names.transition_metric(transition.is_onset): transition.score}
     if llc_value is not None:
-        scalars["llc/transitions"] = llc_value
+        scalars[names.LLC_TRANSITIONS] = llc_value
     log_scalars(trainer, scalars, transition.step)
     for logger in tensorboard_loggers(trainer):
-        logger.experiment.add_text(f"transitions/{transition.metric}", message, global_step=transition.step)
+        logger.experiment.add_text(
+            f"{names.TRANSITIONS_PREFIX}{transition.metric}", message, global_step=transition.step
+        )
         logger.experiment.flush()
     if save_checkpoint:
         trainer.save_checkpoint(transition_checkpoint_path(trainer, transition))

@@ -34,7 +34,9 @@ class TrainingData:
     generator); for an iterable training set, a ring buffer of the last ``buffer_size`` training batches.
     """
 
-    def __init__(self, dataloader: DataLoader | None, batch_size: int | None, buffer_size: int, max_samples: int) -> None:
+    def __init__(
+        self, dataloader: DataLoader | None, batch_size: int | None, buffer_size: int, max_samples: int
+    ) -> None:
         self.dataloader = dataloader
         self.batch_size = batch_size
         self.max_samples = max_samples
@@ -61,7 +63,9 @@ class TrainingData:
             )
         batch_size = self.batch_size or loader.batch_size
         if batch_size is None:
-            raise MisconfigurationException("LLCMonitor: the training DataLoader has no batch_size; pass batch_size=...")
+            raise MisconfigurationException(
+                "LLCMonitor: the training DataLoader has no batch_size; pass batch_size=..."
+            )
         dataset = loader.dataset
         if isinstance(dataset, IterableDataset):
             self._buffer = deque(maxlen=self.buffer_size)

@@ -9,7 +9,7 @@
   unhealthy while the loss falls is what a model mid-transition looks like (w* has left its minimum), and the
   end report says so.
 - A shift of λ̂ between settled levels while the loss sits on a plateau
-  (:class:`~lightning_devinterp.detection.detector.TransitionDetector`) is reported on its own (``"λ̂ change"``);
+  (:class:`~lightning_devinterp.detection.level_shifts.LevelShiftDetector`) is reported on its own (``"λ̂ change"``);
   within a drop, or shortly after it, it belongs to that drop's report, and while the loss is still settling (a
   model converging from initialisation, or after a drop) λ̂ is expected to move and is not reported; the values
   seen then do not form the level that later ones are compared with (w* was still moving).
@@ -25,20 +25,28 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from lightning_devinterp.detection.detector import Transition, TransitionDetector
+from lightning_devinterp.detection.level_shifts import LevelShiftDetector
 from lightning_devinterp.detection.loss_drops import LossDropDetector
+from lightning_devinterp.detection.transition import Transition
+from lightning_devinterp.metric_names import LLC_MEAN
 
 
 class TransitionEvidence:
-    """Combines :class:`LossDropDetector` (on the training loss) and :class:`TransitionDetector` (on λ̂); either may
-    be None. ``attribution_steps`` after a loss drop ends, λ̂ changes still belong to it (default: its ``lag``)."""
+    """Combines :class:`LossDropDetector` (on the training loss) and :class:`LevelShiftDetector` (on λ̂); either may
+    be None. ``attribution_steps`` after a loss drop ends, λ̂ changes still belong to it (default: its ``lag``).
+    """
 
     def __init__(
-        self, loss: LossDropDetector | None = None, llc: TransitionDetector | None = None, attribution_steps: int | None = None
+        self,
+        loss: LossDropDetector | None = None,
+        llc: LevelShiftDetector | None = None,
+        attribution_steps: int | None = None,
     ) -> None:
         self.loss = loss
         self.llc = llc
-        self.attribution_steps = attribution_steps if attribution_steps is not None else (loss.lag if loss is not None else 0)
+        self.attribution_steps = (
+            attribution_steps if attribution_steps is not None else (loss.lag if loss is not None else 0)
+        )
         self._episode: dict[str, Any] | None = None
         self._last_end: int | None = None
         self._last_healthy: tuple[int, float] | None = None
@@ -78,18 +86,23 @@ class TransitionEvidence:
         loss_words = f"loss {loss_end.before:.4g} -> {loss_end.after:.4g}"
         if after is not None and before is None:
             # λ̂ had no healthy level before the onset (w* at a saddle, or the loss still settling): say where it is now.
-            return dataclasses.replace(loss_end, reason=f"{loss_end.reason}; λ̂ now {after:.4g}, with no healthy estimate before the onset to compare")
+            return dataclasses.replace(
+                loss_end,
+                reason=f"{loss_end.reason}; λ̂ now {after:.4g}, with no healthy estimate before the onset to compare",
+            )
         if before is None or after is None:
             return loss_end
         lowest, unhealthy = episode["lowest"], episode["unhealthy"]
         symptoms = ""
         if unhealthy or lowest < 0:
-            symptoms = f"; during the fall λ̂ went as low as {lowest:.4g}" + (f" with {unhealthy} unhealthy estimate(s)" if unhealthy else "")
+            symptoms = f"; during the fall λ̂ went as low as {lowest:.4g}" + (
+                f" with {unhealthy} unhealthy estimate(s)" if unhealthy else ""
+            )
             symptoms += " (w* left its minimum)"
         moved = self.llc is not None and self._is_change(before, after)
         return Transition(
             step=loss_end.step,
-            metric=self.llc.metric if self.llc is not None else "llc/mean",
+            metric=self.llc.metric if self.llc is not None else LLC_MEAN,
             before=before,
             after=after,
             score=loss_end.score,
@@ -108,8 +121,11 @@ class TransitionEvidence:
     ) -> Transition | None:
         """Feed one λ̂ estimate, with the loss on the sampler's fixed data at w* (``fixed_loss``, L(w*)) when that data
         does not change between estimates; the onset or end of a loss drop seen on ``fixed_loss``, else a λ̂-only
-        transition, if one is reported (changes within a loss drop belong to it)."""
-        loss_found = self.loss.update_fixed_data(step, fixed_loss) if self.loss is not None and fixed_loss is not None else None
+        transition, if one is reported (changes within a loss drop belong to it).
+        """
+        loss_found = (
+            self.loss.update_fixed_data(step, fixed_loss) if self.loss is not None and fixed_loss is not None else None
+        )
         # An onset opens the episode before this estimate is seen (λ̂'s level before it is the one before the drop);
         # an end is reported after it (the latest λ̂ is this one).
         onset = self._loss_report(loss_found) if loss_found is not None and loss_found.is_onset else None
@@ -171,7 +187,8 @@ class TransitionEvidence:
             self.llc.load_state_dict(state["llc"])
         self._episode = dict(state["episode"]) if state.get("episode") is not None else None
         self._last_end = state.get("last_end")
-        self._last_healthy = tuple(state["last_healthy"]) if state.get("last_healthy") is not None else None  # type: ignore[assignment]
+        last_healthy = state.get("last_healthy")
+        self._last_healthy = (int(last_healthy[0]), float(last_healthy[1])) if last_healthy is not None else None
         self._settling = state.get("settling", True)
 
 
@@ -189,7 +206,7 @@ def detect_transitions(
     """The reports the online monitor would have made on a whole series (post-hoc analysis), by the same method.
 
     ``steps``, ``values`` (λ̂) and optionally ``stds`` (their standard errors) and ``healthy`` go to a
-    :class:`TransitionDetector` (``detector_kwargs``). Given the loss as well, each estimate's L(w*) (``fixed_losses``)
+    :class:`LevelShiftDetector` (``detector_kwargs``). Given the loss as well, each estimate's L(w*) (``fixed_losses``)
     and/or the training loss at every step (``training_losses``, (step, loss) pairs), it is the monitor's
     :class:`TransitionEvidence` with a default :class:`LossDropDetector`, fed in the monitor's order: the training
     losses up to an estimate's step, then the estimate. Reports come in the order they were made.
@@ -199,7 +216,7 @@ def detect_transitions(
             raise ValueError(f"steps, values and {name} must have the same length.")
     if len(steps) != len(values):
         raise ValueError("steps and values must have the same length.")
-    llc = TransitionDetector(metric=metric, **detector_kwargs)
+    llc = LevelShiftDetector(metric=metric, **detector_kwargs)
     with_loss = fixed_losses is not None or training_losses is not None
     evidence = TransitionEvidence(LossDropDetector(), llc) if with_loss else None
     losses = sorted(training_losses or [])

@@ -59,7 +59,9 @@ from statistics import median
 from typing import Any, Literal
 
 from lightning_devinterp._checks import check_count, check_number
-from lightning_devinterp.detection.detector import Transition, robust_std
+from lightning_devinterp.detection.robust import robust_std
+from lightning_devinterp.detection.transition import Transition
+from lightning_devinterp.metric_names import LLC_INIT_LOSS
 
 NOISE_SAMPLES = 200
 """Successive differences kept for the noise estimate."""
@@ -93,13 +95,14 @@ FIXED_NOISE_Z = 3.0
 FIXED_MIN_HISTORY = 4
 """Calm rates of the fixed-data loss needed before they set a noise floor."""
 
-FIXED_DATA_METRIC = "llc/init_loss"
+FIXED_DATA_METRIC = LLC_INIT_LOSS
 """The name reports give the fixed-data loss: what :class:`~lightning_devinterp.LLCMonitor` logs L(w*) as."""
 
 
 class _CalmRates:
     """Rates seen while no transition was under way, for a noise estimate: each joins ``values`` only once it shares
-    no data with the rate being judged, so a fall that begins slowly does not raise the noise it is judged against."""
+    no data with the rate being judged, so a fall that begins slowly does not raise the noise it is judged against.
+    """
 
     def __init__(self, size: int) -> None:
         self.values: deque[float] = deque(maxlen=size)
@@ -143,13 +146,15 @@ class _Scale:
 
     def noise(self, spread: float) -> float:
         """Standard deviation of R under noise alone: from the per-step log-noise ``spread`` (independent noise) or
-        from R's own past spread (slow wander), whichever is larger."""
+        from R's own past spread (slow wander), whichever is larger.
+        """
         independent = spread * MEDIAN_EFFICIENCY / math.sqrt(self.window) * math.sqrt(2)
         return max(independent, self._wander)
 
     def _remember(self, step: int, rate: float) -> None:
         """Keep a calm rate for the wander estimate, once it no longer shares data with the rate now measured (the
-        ``lag + window`` steps behind it): a fall that begins slowly must not raise the noise it is judged against."""
+        ``lag + window`` steps behind it): a fall that begins slowly must not raise the noise it is judged against.
+        """
         self.calm.keep(step, rate)
         before = self._added
         self._added += self.calm.release(step - self.lag - self.window)
@@ -168,7 +173,8 @@ class _Scale:
 
     def add(self, step: int, log_value: float, calm: bool) -> float | None:
         """Add a log-loss; the current rate R, every ``stride`` steps once it can be computed. Only rates from
-        ``calm`` stretches (no transition under way) go into the history behind the wander-noise estimate."""
+        ``calm`` stretches (no transition under way) go into the history behind the wander-noise estimate.
+        """
         self.recent.append(log_value)
         if len(self.recent) < self.window or (self.smoothed and step - self.smoothed[-1][0] < self.stride):
             return None
@@ -191,7 +197,8 @@ class _Scale:
         """The narrowest band the smoothed log-loss stayed in over ``plateau_steps``, among stretches ending between
         ``LOOKBACK`` lags and zero before the fall's window (which starts ``lag`` before ``step``) and starting no
         earlier than ``not_before`` (the end of the last transition), with that stretch's median level; None until
-        the series reaches back far enough."""
+        the series reaches back far enough.
+        """
         points = list(self.smoothed)
         if not points or points[0][0] > step - self.lag - self.plateau_steps:
             return None
@@ -204,11 +211,14 @@ class _Scale:
                 bands.append((max(inside) - min(inside), median(inside)))
         return min(bands) if bands else None
 
-    def onset(self, step: int, rate: float, threshold: float, band_noise: float, signed: Any, not_before: int) -> float | None:
+    def onset(
+        self, step: int, rate: float, threshold: float, band_noise: float, signed: Any, not_before: int
+    ) -> float | None:
         """If ``rate`` at ``step`` is a fall after a plateau (see the module docstring), the plateau's level, else
         None: ``threshold`` is what noise alone lets ``R`` reach, ``band_noise`` the band it lets a plateau span; the
         plateau must start no earlier than ``not_before``. The fall must also take the loss that far below the
-        plateau's level, not merely back down from a spike above it."""
+        plateau's level, not merely back down from a spike above it.
+        """
         fast = max(self.drop, threshold)
         if signed(rate) <= fast:
             return None
@@ -217,13 +227,20 @@ class _Scale:
             return None
         band, plateau_level = calmest
         below = plateau_level - self.smoothed[-1][1]
-        if band <= max(self.plateau, band_noise) and signed(rate) > max(fast, CONTRAST * band) and signed(below) > fast and below * rate > 0:
+        if (
+            band <= max(self.plateau, band_noise)
+            and signed(rate) > max(fast, CONTRAST * band)
+            and signed(below) > fast
+            and below * rate > 0
+        ):
             return plateau_level
         return None
 
     def state(self) -> dict[str, Any]:
         return {
-            "recent": list(self.recent), "smoothed": [list(p) for p in self.smoothed], "rates": [list(p) for p in self.rates],
+            "recent": list(self.recent),
+            "smoothed": [list(p) for p in self.smoothed],
+            "rates": [list(p) for p in self.rates],
             **self.calm.state(),
         }
 
@@ -269,7 +286,8 @@ class _FixedData:
         """What the series' own calm rates let a fall reach: their median plus :data:`FIXED_NOISE_Z` robust
         standard deviations (zero until :data:`FIXED_MIN_HISTORY` are known); infinite when their median exceeds
         ``plateau``, since a loss that has kept falling that fast (Adam's, decaying in uneven steps) has no plateau
-        for a pause in it to be one."""
+        for a pause in it to be one.
+        """
         history = self.calm.values
         if len(history) < FIXED_MIN_HISTORY:
             return 0.0
@@ -278,7 +296,8 @@ class _FixedData:
 
     def rate(self) -> float | None:
         """The fall per ``lag`` steps from the latest point at least ``lag`` steps back to the newest one (over a
-        longer gap, scaled down to ``lag`` steps); None without such a point."""
+        longer gap, scaled down to ``lag`` steps); None without such a point.
+        """
         step, value = self.points[-1]
         earlier = next(((at, v) for at, v in reversed(self.points) if at <= step - self.lag), None)
         if earlier is None:
@@ -288,7 +307,8 @@ class _FixedData:
     def calmest_plateau(self, not_before: int) -> tuple[float, float, float] | None:
         """The narrowest band (with its median level and lowest value) that the points stayed in over at least
         ``plateau_steps``, among stretches ending at least ``lag`` before the newest point and at most ``LOOKBACK``
-        lags before that, and starting no earlier than ``not_before``; None if there is none."""
+        lags before that, and starting no earlier than ``not_before``; None if there is none.
+        """
         step = self.points[-1][0]
         points = list(self.points)
         plateaus = []
@@ -304,7 +324,8 @@ class _FixedData:
 
     def onset(self, not_before: int) -> tuple[float, float] | None:
         """The plateau's band and level if the newest point ends a fast fall after a plateau (see the module
-        docstring), else None."""
+        docstring), else None.
+        """
         rate, plateau = self.rate(), self.calmest_plateau(not_before)
         if rate is None or plateau is None:
             return None
@@ -317,7 +338,8 @@ class _FixedData:
     def leaving(self, not_before: int) -> bool:
         """True when the newest point lies a quarter of ``drop`` below the lowest value of a plateau before it (and
         the series is one that has plateaus: see :meth:`noise_floor`). The monitor asks at every training step, so
-        the answer is kept until a point arrives or ``not_before`` moves."""
+        the answer is kept until a point arrives or ``not_before`` moves.
+        """
         key = (self._version, not_before)
         if self._leaving is None or self._leaving[0] != key:
             plateau = self.calmest_plateau(not_before) if self.points else None
@@ -357,12 +379,14 @@ class LossDropDetector:
         scales: Sequence[int] = (1, 2, 4),
         direction: Literal["down", "both"] = "down",
     ) -> None:
-        for name, value in (("window", window), ("lag", lag), ("plateau_steps", plateau_steps)):
-            check_count(name, value, 1)
-        for name, value in (("drop", drop), ("plateau", plateau), ("noise_z", noise_z)):
-            check_number(name, value)
+        for name, count in (("window", window), ("lag", lag), ("plateau_steps", plateau_steps)):
+            check_count(name, count, 1)
+        for name, number in (("drop", drop), ("plateau", plateau), ("noise_z", noise_z)):
+            check_number(name, number)
         if plateau >= drop:
-            raise ValueError(f"plateau ({plateau}) must be smaller than drop ({drop}): a plateau is where the loss is not falling fast.")
+            raise ValueError(
+                f"plateau ({plateau}) must be smaller than drop ({drop}): a plateau is where the loss is not falling fast."
+            )
         if not scales or any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in scales):
             raise ValueError(f"scales must be positive integers, got {scales!r}.")
         if direction not in ("down", "both"):
@@ -381,7 +405,8 @@ class LossDropDetector:
         self._spread_cache: float | None = None
         self._since_spread = 0
         self._scales = [
-            _Scale(self.window * k, self.lag * k, self.plateau_steps * k, self.drop * k, self.plateau * k) for k in self.scales
+            _Scale(self.window * k, self.lag * k, self.plateau_steps * k, self.drop * k, self.plateau * k)
+            for k in self.scales
         ]
         self._fixed = _FixedData(self.lag, self.plateau_steps, self.drop, self.plateau)
         self._onset: dict[str, Any] | None = None
@@ -396,7 +421,8 @@ class LossDropDetector:
     @property
     def leaving_plateau(self) -> bool:
         """True while, at the shortest scale, the loss falls at more than three quarters of the onset rate (and of its
-        noise threshold), or the fixed-data loss has left its plateau: a transition may be starting, or is under way."""
+        noise threshold), or the fixed-data loss has left its plateau: a transition may be starting, or is under way.
+        """
         scale = self._scales[0]
         if bool(scale.rates) and self._signed(scale.rates[-1][1]) > 0.75 * max(scale.drop, self._threshold(scale)):
             return True
@@ -405,7 +431,8 @@ class LossDropDetector:
     @property
     def on_plateau(self) -> bool:
         """True when, at the shortest scale, the loss has stayed within a plateau's band over the last plateau:
-        a change elsewhere (λ̂) is then not the loss still settling."""
+        a change elsewhere (λ̂) is then not the loss still settling.
+        """
         scale = self._scales[0]
         if self.in_transition or not scale.smoothed:
             return False
@@ -433,7 +460,8 @@ class LossDropDetector:
 
     def update(self, step: int, value: float) -> Transition | None:
         """Add the loss at ``step``; return an onset or an end :class:`Transition`, or None. Non-positive or
-        non-finite values are ignored; several values at one step (gradient accumulation) count once, the first."""
+        non-finite values are ignored; several values at one step (gradient accumulation) count once, the first.
+        """
         value = float(value)
         if not math.isfinite(value) or value <= 0 or (self._last is not None and step <= self._last[0]):
             return None
@@ -450,7 +478,11 @@ class LossDropDetector:
             rate = rates[self._onset["scale"]]
             return None if rate is None else self._follow(step, scale, rate)
         for index, (scale, rate) in enumerate(zip(self._scales, rates)):
-            level = None if rate is None else scale.onset(step, rate, self._threshold(scale), self._band_noise(scale), self._signed, self._not_before)
+            if rate is None:
+                continue
+            level = scale.onset(
+                step, rate, self._threshold(scale), self._band_noise(scale), self._signed, self._not_before
+            )
             if level is not None:
                 return self._begin(step, index, scale, rate, level)
         return None
@@ -458,7 +490,8 @@ class LossDropDetector:
     def update_fixed_data(self, step: int, value: float) -> Transition | None:
         """Add the loss on fixed data at ``step`` (sparse, free of minibatch noise: see the module docstring); return
         an onset or an end :class:`Transition` (its metric :data:`FIXED_DATA_METRIC`), or None. Only falls are
-        judged on it; non-positive or non-finite values, and steps not after the last one, are ignored."""
+        judged on it; non-positive or non-finite values, and steps not after the last one, are ignored.
+        """
         value = float(value)
         points = self._fixed.points
         if not math.isfinite(value) or value <= 0 or (points and step <= points[-1][0]):
@@ -524,7 +557,8 @@ class LossDropDetector:
 
     def _calmed(self, step: int, rate: float | None, drop: float, lag: int) -> bool:
         """Whether the series that reported the transition under way has fallen at less than half its threshold
-        ``drop`` for half a ``lag`` (a missing ``rate`` counts as calm); remembers since when."""
+        ``drop`` for half a ``lag`` (a missing ``rate`` counts as calm); remembers since when.
+        """
         assert self._onset is not None
         if rate is not None and self._onset["sign"] * rate >= drop / 2:
             self._calm_since = None
@@ -536,7 +570,8 @@ class LossDropDetector:
     def _end(self, step: int, now: float, lag: int, noise: float, metric: str) -> Transition:
         """The end of the transition under way: its series (``metric``, ``now`` its latest log value) has been calm
         since ``_calm_since``, so over the ``lag`` before that the loss had already stopped falling: the next plateau
-        may start there, which lets a stage that follows soon after this one be seen."""
+        may start there, which lets a stage that follows soon after this one be seen.
+        """
         assert self._onset is not None and self._calm_since is not None
         self._not_before = self._calm_since - lag
         onset, self._onset, self._calm_since = self._onset, None, None

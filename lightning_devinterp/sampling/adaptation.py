@@ -30,7 +30,9 @@ GRADIENT_NOISE_SHARE = 0.05
 """The minibatch gradient noise in SGLD's drift may add at most this share to the variance of the injected noise."""
 
 
-def gradient_noise_ceiling(gradient_variance: float, dimension: int, nbeta: float, share: float = GRADIENT_NOISE_SHARE) -> float:
+def gradient_noise_ceiling(
+    gradient_variance: float, dimension: int, nbeta: float, share: float = GRADIENT_NOISE_SHARE
+) -> float:
     """The largest SGLD step at which minibatch gradient noise stays small beside the injected noise.
 
     SGLD's drift (ε/2) nβ ∇L_B carries the minibatch noise of ∇L_B, of variance (ε nβ / 2)² tr Cov(∇L_B) in all;
@@ -38,7 +40,8 @@ def gradient_noise_ceiling(gradient_variance: float, dimension: int, nbeta: floa
     ε ≤ 4 share d / (nβ² tr Cov(∇L_B)). The Metropolis check cannot see this noise (each check uses one minibatch),
     and above the ceiling it heats the chains: on a linear regression with batch 32 (d = 33, nβ = 263) the step
     adapted without it was ten times the ceiling and λ̂ came out 2.3 times the exact value. ``gradient_variance``
-    is tr Cov(∇L_B); zero (full-batch gradients) leaves the step unbounded."""
+    is tr Cov(∇L_B); zero (full-batch gradients) leaves the step unbounded.
+    """
     if not gradient_variance > 0 or not math.isfinite(gradient_variance):
         return math.inf
     return 4.0 * share * dimension / (nbeta**2 * gradient_variance)
@@ -47,7 +50,8 @@ def gradient_noise_ceiling(gradient_variance: float, dimension: int, nbeta: floa
 @dataclass
 class DualAveraging:
     """Adapts a step size toward ``target`` mean acceptance; :meth:`update` after each step, then :attr:`final`.
-    Neither the current nor the final step exceeds ``ceiling``."""
+    Neither the current nor the final step exceeds ``ceiling``.
+    """
 
     initial: float
     target: float

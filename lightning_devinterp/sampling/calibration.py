@@ -24,6 +24,7 @@ is the remedy; the health check on the loss trace catches such drift only when i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -37,8 +38,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_devinterp.plotting import pyplot
 from lightning_devinterp.sampling.chains import run_chains
-from lightning_devinterp.sampling.config import ESTIMATE_DEFAULTS, SamplingConfig, check_setting_names
+from lightning_devinterp.sampling.config import ESTIMATE_DEFAULTS, Epsilon, SamplingConfig, check_setting_names
 from lightning_devinterp.sampling.data import MinibatchSource
 from lightning_devinterp.sampling.inputs import prepare_estimate
 from lightning_devinterp.sampling.model_view import LossFn
@@ -83,18 +85,18 @@ class CalibrationResult:
 
     def plot(self, path: str | Path) -> Path:
         """Save λ̂ ± std and the MALA acceptance against epsilon (log scale), the choice marked. Needs matplotlib."""
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError as error:
-            raise ImportError("CalibrationResult.plot needs matplotlib: pip install 'lightning-devinterp[plot]'") from error
+        plt = pyplot()
         figure, (llc_axis, acceptance_axis) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
         for nbeta in sorted({row["nbeta"] for row in self.table}):
             rows = sorted((r for r in self.table if r["nbeta"] == nbeta and r["ran"]), key=lambda r: r["epsilon"])
             epsilons = [r["epsilon"] for r in rows]
-            llc_axis.errorbar(epsilons, [r["llc_mean"] for r in rows], yerr=[r["llc_std"] for r in rows], marker="o", label=f"nβ = {nbeta:.4g}")
+            llc_axis.errorbar(
+                epsilons,
+                [r["llc_mean"] for r in rows],
+                yerr=[r["llc_std"] for r in rows],
+                marker="o",
+                label=f"nβ = {nbeta:.4g}",
+            )
             acceptance_axis.plot(epsilons, [r["acceptance"] for r in rows], marker="o")
         if self.best is not None:
             for axis in (llc_axis, acceptance_axis):
@@ -114,8 +116,15 @@ class CalibrationResult:
 def _row(epsilon: float, nbeta: float, result: LLCResult | None, note: str = "") -> dict[str, Any]:
     if result is None:
         return {
-            "epsilon": epsilon, "nbeta": nbeta, "ran": note == "all chains diverged", "llc_mean": math.nan,
-            "llc_std": math.nan, "acceptance": math.nan, "diverged": True, "healthy": False, "stable": None,
+            "epsilon": epsilon,
+            "nbeta": nbeta,
+            "ran": note == "all chains diverged",
+            "llc_mean": math.nan,
+            "llc_std": math.nan,
+            "acceptance": math.nan,
+            "diverged": True,
+            "healthy": False,
+            "stable": None,
             "warnings": [note],
         }
     return {
@@ -158,6 +167,31 @@ def _decline_message(rows: list[dict[str, Any]]) -> str:
     )
 
 
+def _first_plateau(grid: list[float], estimate_at: Callable[[float], LLCResult | None]) -> list[LLCResult] | None:
+    """Walk ``grid`` (step sizes, largest first), estimating lazily, to the first two neighbours whose healthy estimates
+    agree, with the next one too if it also agrees: the plateau (two or three estimates); None if there is none.
+    """
+    estimates: dict[int, LLCResult | None] = {}
+
+    def at(index: int) -> LLCResult | None:
+        if index >= len(grid):
+            return None
+        if index not in estimates:
+            estimates[index] = estimate_at(grid[index])
+        return estimates[index]
+
+    def agree(upper: LLCResult | None, lower: LLCResult | None) -> bool:
+        return upper is not None and lower is not None and upper.healthy and lower.healthy and _agree(upper, lower)
+
+    for index in range(len(grid) - 1):
+        upper, lower = at(index), at(index + 1)
+        if agree(upper, lower):
+            assert upper is not None and lower is not None
+            below = at(index + 2)
+            return [upper, lower, below] if below is not None and agree(lower, below) else [upper, lower]
+    return None
+
+
 def calibrate_on_source(
     model: nn.Module,
     loss_fn: LossFn,
@@ -176,26 +210,40 @@ def calibrate_on_source(
     if epsilons is not None and (not len(epsilons) or any(not (math.isfinite(e) and e > 0) for e in epsilons)):
         raise ValueError(f"epsilons must be positive finite numbers, got {list(epsilons)!r}.")
     resolved = config.resolved(num_samples=source.dataset_size, epsilon=1.0)
+    assert resolved.nbeta is not None
     temperatures = [float(b) for b in (nbetas if nbetas is not None else [resolved.nbeta])]
     if not temperatures or any(not (math.isfinite(b) and b > 0) for b in temperatures):
         raise ValueError(f"nbetas must be positive finite numbers, got {list(temperatures)!r}.")
     chains = num_chains or resolved.num_chains
+    assert chains is not None
     results: dict[tuple[float, float], LLCResult] = {}
     table: list[dict[str, Any]] = []
 
-    def estimate(epsilon: float | str, nbeta: float) -> LLCResult | None:
+    def estimate(epsilon: Epsilon, nbeta: float) -> LLCResult | None:
         trial = dataclasses.replace(resolved, epsilon=epsilon, nbeta=nbeta)
         try:
             run = run_chains(
-                model, loss_fn, source, trial, num_chains=chains, seed=seed, observables=observables, forward_context=forward_context
+                model,
+                loss_fn,
+                source,
+                trial,
+                num_chains=chains,
+                seed=seed,
+                observables=observables,
+                forward_context=forward_context,
             )
             result = summarize_chains(run, trial)
         except LLCEstimationError:
-            table.append(_row(float(epsilon) if epsilon != "adaptive" else math.nan, nbeta, None, "all chains diverged"))
+            table.append(
+                _row(float(epsilon) if epsilon != "adaptive" else math.nan, nbeta, None, "all chains diverged")
+            )
             return None
         results[(result.epsilon, nbeta)] = result
         table.append(_row(result.epsilon, nbeta, result))
         return result
+
+    def measured(epsilon: float, nbeta: float) -> LLCResult | None:
+        return results.get((epsilon, nbeta)) or estimate(epsilon, nbeta)
 
     best = None
     for nbeta in temperatures:
@@ -206,45 +254,27 @@ def calibrate_on_source(
             grid = [top.epsilon / GRID_FACTOR**k for k in range(GRID_STEPS + 1)]
         else:
             grid = sorted((float(e) for e in epsilons), reverse=True)
-        trials: dict[int, LLCResult | None] = {}
-
-        def trial(index: int) -> LLCResult | None:
-            if index >= len(grid):
-                return None
-            if index not in trials:
-                trials[index] = results.get((grid[index], nbeta)) or estimate(grid[index], nbeta)
-            return trials[index]
-
-        def agree(upper: LLCResult | None, lower: LLCResult | None) -> bool:
-            return upper is not None and lower is not None and upper.healthy and lower.healthy and _agree(upper, lower)
-
-        for index in range(len(grid) - 1):
-            if not agree(trial(index), trial(index + 1)):
-                continue
-            plateau = [trial(index), trial(index + 1)]
-            if agree(trial(index + 1), trial(index + 2)):
-                plateau.append(trial(index + 2))
-            chosen = plateau[len(plateau) // 2 - (len(plateau) == 2)]
-            assert chosen is not None
-            for row in table:
-                if row["nbeta"] == nbeta and any(row["epsilon"] == point.epsilon for point in plateau if point is not None):
-                    row["stable"] = True
-            best = CalibrationChoice(
-                epsilon=chosen.epsilon,
-                nbeta=nbeta,
-                llc_mean=chosen.llc_mean,
-                acceptance=chosen.acceptance_mean,
-                reason=(
-                    f"the {'middle' if len(plateau) == 3 else 'top'} of the plateau "
-                    f"{', '.join(f'{point.llc_mean:.4g} at {point.epsilon:.3g}' for point in plateau if point is not None)}: healthy "
-                    f"estimates (finite chains that level off within the burn-in, λ̂ > 0, MALA acceptance "
-                    f"{chosen.acceptance_mean:.2f} at the choice) whose neighbours agree within {STABLE_RELATIVE:.0%} (or two "
-                    "standard errors)"
-                ),
-            )
-            break
-        if best is not None:
-            break
+        plateau = _first_plateau(grid, functools.partial(measured, nbeta=nbeta))
+        if plateau is None:
+            continue
+        chosen = plateau[len(plateau) // 2 - (len(plateau) == 2)]
+        for row in table:
+            if row["nbeta"] == nbeta and any(row["epsilon"] == point.epsilon for point in plateau):
+                row["stable"] = True
+        best = CalibrationChoice(
+            epsilon=chosen.epsilon,
+            nbeta=nbeta,
+            llc_mean=chosen.llc_mean,
+            acceptance=chosen.acceptance_mean,
+            reason=(
+                f"the {'middle' if len(plateau) == 3 else 'top'} of the plateau "
+                f"{', '.join(f'{point.llc_mean:.4g} at {point.epsilon:.3g}' for point in plateau)}: healthy "
+                f"estimates (finite chains that level off within the burn-in, λ̂ > 0, MALA acceptance "
+                f"{chosen.acceptance_mean:.2f} at the choice) whose neighbours agree within {STABLE_RELATIVE:.0%} (or two "
+                "standard errors)"
+            ),
+        )
+        break
     if best is not None:
         message = f"chose epsilon = {best.epsilon:.3g} at nbeta = {best.nbeta:.6g}: {best.reason}."
     else:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import operator
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager as ContextManager
@@ -34,8 +35,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_map
 
 from lightning_devinterp._rng import preserved_rng_states
-from lightning_devinterp.sampling.adaptation import INITIAL_EPSILON, MAX_SEARCH, SEARCH_FACTOR, DualAveraging, gradient_noise_ceiling
-from lightning_devinterp.sampling.config import SamplingConfig
+from lightning_devinterp.sampling.adaptation import (
+    INITIAL_EPSILON,
+    MAX_SEARCH,
+    SEARCH_FACTOR,
+    DualAveraging,
+    gradient_noise_ceiling,
+)
+from lightning_devinterp.sampling.config import Epsilon, SamplingConfig
 from lightning_devinterp.sampling.data import MinibatchSource
 from lightning_devinterp.sampling.kernels import SGLD, Kernel, Params, make_kernel, mala_log_acceptance
 from lightning_devinterp.sampling.model_view import FunctionalLoss, LossFn, quiet_evaluation
@@ -75,7 +82,8 @@ def gathered(how: Literal["cat", "first", "all", "local"], default: Any = datacl
     """Declare how a :class:`ChainRun` field combines across processes: ``"cat"`` concatenates per-chain values in
     rank order along the chain axis (axis 1, after the group axis), ``"first"`` takes rank zero's (the same
     everywhere), ``"all"`` is true only if true on every rank, ``"local"`` stays with the process that made it (the
-    gathered run holds the default)."""
+    gathered run holds the default).
+    """
     return field(default=default, metadata={"gather": how})
 
 
@@ -146,7 +154,10 @@ def _sequential(loss: FunctionalLoss, num_chains: int) -> ChainLosses:
 
     def chain_losses(position: Params, batch: Any) -> Tensor:
         return torch.stack(
-            [loss({name: w[chain] for name, w in position.items()}, tree_map(lambda t: t[chain], batch)) for chain in range(num_chains)]
+            [
+                loss({name: w[chain] for name, w in position.items()}, tree_map(operator.itemgetter(chain), batch))
+                for chain in range(num_chains)
+            ]
         )
 
     return chain_losses
@@ -159,7 +170,8 @@ def attention_backends(vectorized: bool) -> Iterator[None]:
     has no derivative, so the fast path is turned off; and ``scaled_dot_product_attention`` runs through its math
     backend, which is exact and batches: on CUDA the fused kernels it would otherwise pick have no batching rule for
     their backward (``LSE is not correctly aligned``), and on CPU its flash kernel has none at all, so vmap would
-    fall back to a loop over the chains. Without vmap, nothing changes."""
+    fall back to a loop over the chains. Without vmap, nothing changes.
+    """
     if not vectorized:
         yield
         return
@@ -188,14 +200,17 @@ def _grads_and_losses(chain_losses: ChainLosses, position: Params, batch: Any) -
                 "computed from model(batch)."
             )
         grads = torch.autograd.grad(values.sum(), list(leaves.values()), allow_unused=True)
-    return {name: torch.zeros_like(w) if g is None else g for (name, w), g in zip(leaves.items(), grads)}, values.detach()
+    return {
+        name: torch.zeros_like(w) if g is None else g for (name, w), g in zip(leaves.items(), grads)
+    }, values.detach()
 
 
 def _group_masks(
     members: dict[str, dict[str, Tensor | None]], anchor: Params, num_chains: int, device: torch.device
 ) -> Params | None:
     """Per sampled parameter, which entries each virtual chain moves, broadcastable against ``[virtual chains, ...]``:
-    ``[V, 1, ..]`` where groups take whole parameters, ``[V, *shape]`` where one takes parts (None without groups)."""
+    ``[V, 1, ..]`` where groups take whole parameters, ``[V, *shape]`` where one takes parts (None without groups).
+    """
     if not members:
         return None
     masks = {}
@@ -245,7 +260,9 @@ class _Chains:
             for name, w in self.position.items():
                 w.add_(offsets[name])
         assert config.nbeta is not None
-        self.kernel: Kernel = make_kernel(config.sampler, epsilon=epsilon, nbeta=config.nbeta, gamma=config.gamma, **(config.sampler_kwargs or {}))
+        self.kernel: Kernel = make_kernel(
+            config.sampler, epsilon=epsilon, nbeta=config.nbeta, gamma=config.gamma, **(config.sampler_kwargs or {})
+        )
         self.state = {name: self.kernel.init_state(w) for name, w in self.position.items()}
 
     def batch(self) -> Any:
@@ -254,7 +271,8 @@ class _Chains:
 
     def gradients(self, batch: Any, first: bool = False) -> tuple[Params, Tensor]:
         """Minibatch gradients and losses at the current position; on the first call with ``vectorize="auto"``,
-        fall back to a loop over chains if vmap fails (and the loop works)."""
+        fall back to a loop over chains if vmap fails (and the loop works).
+        """
         try:
             grads, values = _grads_and_losses(self.chain_losses, self.position, batch)
         except LossError:
@@ -274,65 +292,101 @@ class _Chains:
 
     def step(self, grads: Params, noise_generator: torch.Generator | None = None) -> None:
         """Move every chain one step, in place. Small models: noise for all parameters in one draw (split in order),
-        one fused update. Large ones: one parameter at a time, noise drawn per parameter in order."""
+        one fused update. Large ones: one parameter at a time, noise drawn per parameter in order.
+        """
         generator = noise_generator or self.noise_generator
         names = list(self.position)
         masks = None if self.masks is None else [self.masks[n] for n in names]
         sizes = [self.position[n][0].numel() for n in names]
         if sum(sizes) * self.num_chains <= FUSED_ELEMENTS:
             flat = torch.randn(self.num_chains, sum(sizes), generator=generator, device=self.device)
-            noises = [chunk.reshape(self.position[n].shape).to(self.position[n].dtype) for n, chunk in zip(names, flat.split(sizes, dim=1))]
+            noises = [
+                chunk.reshape(self.position[n].shape).to(self.position[n].dtype)
+                for n, chunk in zip(names, flat.split(sizes, dim=1))
+            ]
             self.kernel.update_many_(
-                [self.position[n] for n in names], [grads[n] for n in names], [self.anchor[n] for n in names], noises,
-                [self.state[n] for n in names], masks,
+                [self.position[n] for n in names],
+                [grads[n] for n in names],
+                [self.anchor[n] for n in names],
+                noises,
+                [self.state[n] for n in names],
+                masks,
             )
             return
         for index, name in enumerate(names):
             w = self.position[name]
             noise = torch.randn(w.shape, generator=generator, device=self.device, dtype=w.dtype)
-            self.kernel.update_(w, grads[name], self.anchor[name], noise, self.state[name], None if masks is None else masks[index])
+            self.kernel.update_(
+                w, grads[name], self.anchor[name], noise, self.state[name], None if masks is None else masks[index]
+            )
 
-    def acceptance(self, before: Params, grads: Params, values: Tensor, batch: Any, rows: Tensor | None = None) -> Tensor:
+    def acceptance(
+        self, before: Params, grads: Params, values: Tensor, batch: Any, rows: Tensor | None = None
+    ) -> Tensor:
         """The MALA acceptance probability of each chain's move from ``before`` to its current position; with
-        ``rows``, of those chains only (``before`` holding just their old positions), NaN for the others."""
+        ``rows``, of those chains only (``before`` holding just their old positions), NaN for the others.
+        """
 
         def pick(tensors: Params) -> Params:
             return tensors if rows is None else {name: t[rows] for name, t in tensors.items()}
 
         proposal = pick(self.position)
         chain_losses = self.chain_losses if rows is None or self.vectorized else _sequential(self.loss, len(rows))
-        proposal_grads, proposal_values = _grads_and_losses(chain_losses, proposal, batch if rows is None else tree_map(lambda t: t[rows], batch))
-        preconditioner = {name: self.kernel.preconditioner(s) for name, s in pick({n: s for n, s in self.state.items() if s is not None}).items()}
+        proposal_grads, proposal_values = _grads_and_losses(
+            chain_losses, proposal, batch if rows is None else tree_map(lambda t: t[rows], batch)
+        )
+        preconditioner: Params = {}
+        for name, state in pick({n: s for n, s in self.state.items() if s is not None}).items():
+            scale = self.kernel.preconditioner(state)
+            if scale is not None:
+                preconditioner[name] = scale
         log_ratio = mala_log_acceptance(
-            self.kernel, before, proposal, values if rows is None else values[rows], proposal_values, pick(grads), proposal_grads, self.anchor,
+            self.kernel,
+            before,
+            proposal,
+            values if rows is None else values[rows],
+            proposal_values,
+            pick(grads),
+            proposal_grads,
+            self.anchor,
             preconditioner=preconditioner or None,
-            mask=None if self.masks is None else {n: m if m.shape[0] == 1 else pick({n: m})[n] for n, m in self.masks.items()},
+            mask=None
+            if self.masks is None
+            else {n: m if m.shape[0] == 1 else pick({n: m})[n] for n, m in self.masks.items()},
         )
         accepted = log_ratio.clamp(max=0.0).exp()
         if rows is None:
             return accepted
-        return torch.full((self.num_chains,), float("nan"), device=self.device, dtype=accepted.dtype).index_copy_(0, rows, accepted)
+        return torch.full((self.num_chains,), float("nan"), device=self.device, dtype=accepted.dtype).index_copy_(
+            0, rows, accepted
+        )
 
     def snapshot(self, rows: Tensor | None = None) -> tuple[Params, Params]:
         """A copy of the position and carried state (of ``rows`` only, if given)."""
+
         def copy(t: Tensor) -> Tensor:
             return t.clone() if rows is None else t[rows]
 
-        return {n: copy(w) for n, w in self.position.items()}, {n: copy(s) for n, s in self.state.items() if s is not None}
+        return {n: copy(w) for n, w in self.position.items()}, {
+            n: copy(s) for n, s in self.state.items() if s is not None
+        }
 
     def revert(self, keep: Tensor, before: Params, state_before: Params) -> None:
         """Put the chains where ``keep`` is False back where they were (a Metropolis rejection)."""
         for name, w in self.position.items():
             w.copy_(torch.where(_expand(keep, w), w, before[name]))
-            if name in state_before:
-                self.state[name].copy_(torch.where(_expand(keep, w), self.state[name], state_before[name]))  # type: ignore[union-attr]
+            state = self.state[name]
+            if state is not None and name in state_before:
+                state.copy_(torch.where(_expand(keep, w), state, state_before[name]))
 
     def with_epsilon(self, epsilon: float) -> None:
         self.kernel = dataclasses.replace(self.kernel, epsilon=epsilon)  # type: ignore[type-var]
 
     def restart_non_finite(self) -> None:
         """Put chains whose position is no longer finite back at w* (allowed only while adapting, in burn-in)."""
-        bad = ~torch.stack([torch.isfinite(w.reshape(w.shape[0], -1)).all(dim=1) for w in self.position.values()]).all(dim=0)
+        bad = ~torch.stack([torch.isfinite(w.reshape(w.shape[0], -1)).all(dim=1) for w in self.position.values()]).all(
+            dim=0
+        )
         if bool(bad.any()):
             for name, w in self.position.items():
                 w.copy_(torch.where(_expand(bad, w), self.anchor[name].expand_as(w), w))
@@ -342,14 +396,18 @@ class _Chains:
 
     def offsets(self) -> Params:
         """Each chain's position relative to w*, zero where it is not finite."""
-        return {name: torch.nan_to_num(w - self.anchor[name], nan=0.0, posinf=0.0, neginf=0.0) for name, w in self.position.items()}
+        return {
+            name: torch.nan_to_num(w - self.anchor[name], nan=0.0, posinf=0.0, neginf=0.0)
+            for name, w in self.position.items()
+        }
 
     def gradient_noise_ceiling(self, grads: Params, rows: slice, average: Callable[[float], float]) -> float:
         """The step above which minibatch gradient noise heats plain SGLD's chains (see
         :func:`~lightning_devinterp.sampling.adaptation.gradient_noise_ceiling`), from the spread of the gradients of
         the chains in ``rows``, taken at w* on minibatches of their own, pooled over processes (every process takes
         part in ``average``, even with a single chain); unbounded for other kernels, for fewer than two chains in
-        all, or when the chains did not start at w*."""
+        all, or when the chains did not start at w*.
+        """
         if not isinstance(self.kernel, SGLD) or not self.started_at_anchor:
             return math.inf
         freedom = rows.stop - rows.start - 1
@@ -364,7 +422,8 @@ class _Chains:
     def initial_epsilon(self, batch: Any, grads: Params, values: Tensor, adapting: slice) -> float:
         """A starting step for adaptation: scale by 4 until one step's mean acceptance (of the chains in
         ``adapting``) from w* crosses one half. Each trial draws its noise from a copy of the generator, so the
-        chains' own stream is not disturbed."""
+        chains' own stream is not disturbed.
+        """
 
         def mean_acceptance() -> float:
             before, state_before = self.snapshot()
@@ -421,7 +480,12 @@ def _sample(
     :data:`FUSED_ELEMENTS`, else parameter by parameter), both seeded from the chains' seed; so the vectorized and
     sequential paths see identical randomness, and so does a smaller model with the same sampled parameters.
     """
-    burnin, every, num_steps, num_draws = config.num_burnin_steps, config.num_steps_bw_draws, config.num_steps, config.num_draws
+    burnin, every, num_steps, num_draws = (
+        config.num_burnin_steps,
+        config.num_steps_bw_draws,
+        config.num_steps,
+        config.num_draws,
+    )
     assert burnin is not None and num_draws is not None
     adapting_steps = burnin // 2 if config.epsilon == "adaptive" else 0
     if config.epsilon == "adaptive" and adapting_steps < MIN_ADAPTATION_STEPS:
@@ -432,9 +496,14 @@ def _sample(
     full = slice(0, full_chains)
     device = chains.device
     groups = chains.num_chains // full_chains
-    check_rows = torch.tensor(
-        [g * full_chains + c for g in range(groups) for c in range(min(full_chains, ACCEPTANCE_CHAINS))], device=device
-    ) if full_chains > ACCEPTANCE_CHAINS else None
+    check_rows = (
+        torch.tensor(
+            [g * full_chains + c for g in range(groups) for c in range(min(full_chains, ACCEPTANCE_CHAINS))],
+            device=device,
+        )
+        if full_chains > ACCEPTANCE_CHAINS
+        else None
+    )
     dual_averaging: DualAveraging | None = None
     failed_at = torch.full((chains.num_chains,), -1, dtype=torch.long, device=device)
     traces: dict[str, list[Tensor]] = {observable.name: [] for observable in observables}
@@ -465,7 +534,9 @@ def _sample(
                     assert dual_averaging is not None
                     dual_averaging.update(average(float(accepted[full].nan_to_num(0.0).mean())))
                     chains.with_epsilon(dual_averaging.current if step + 1 < adapting_steps else dual_averaging.final)
-                    keep = torch.rand(accepted.shape, generator=chains.noise_generator, device=device) < accepted.nan_to_num(0.0)
+                    keep = torch.rand(
+                        accepted.shape, generator=chains.noise_generator, device=device
+                    ) < accepted.nan_to_num(0.0)
                     chains.revert(keep, before, state_before)
                     chains.restart_non_finite()
                 else:
@@ -475,12 +546,26 @@ def _sample(
                 break
     stacked = {}
     for name, values_per_draw in traces.items():
-        trace = torch.stack(values_per_draw, dim=1) if values_per_draw else torch.empty(chains.num_chains, 0, device=device)
+        trace = (
+            torch.stack(values_per_draw, dim=1) if values_per_draw else torch.empty(chains.num_chains, 0, device=device)
+        )
         missing = num_draws - trace.shape[1]
         if missing:
-            trace = torch.cat([trace, torch.full((chains.num_chains, missing, *trace.shape[2:]), float("nan"), device=device, dtype=trace.dtype)], dim=1)
+            trace = torch.cat(
+                [
+                    trace,
+                    torch.full(
+                        (chains.num_chains, missing, *trace.shape[2:]), float("nan"), device=device, dtype=trace.dtype
+                    ),
+                ],
+                dim=1,
+            )
         stacked[name] = trace
-    acceptance = torch.stack(acceptances).nanmean(dim=0) if acceptances else torch.full((chains.num_chains,), float("nan"), device=device)
+    acceptance = (
+        torch.stack(acceptances).nanmean(dim=0)
+        if acceptances
+        else torch.full((chains.num_chains,), float("nan"), device=device)
+    )
     return _Traces(stacked, failed_at, acceptance, chains.vectorized, chains.kernel.epsilon, chains.offsets())
 
 
@@ -496,6 +581,7 @@ def run_chains(
     forward_context: Callable[[], ContextManager[Any]] = nullcontext,
     average: Callable[[float], float] = float,
     start_offsets: Params | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> ChainRun:
     """Sample ``num_chains`` chains (per group, with ``config.param_groups``) from the model's current parameters,
     leaving model and global RNGs as they were.
@@ -512,49 +598,74 @@ def run_chains(
     ``epsilon="adaptive"`` only the first batch adapts: the others use its step.
     """
     if config.epsilon == "auto" or config.nbeta is None:
-        raise ValueError("run_chains needs a resolved config (numeric nbeta, no epsilon='auto'); see SamplingConfig.resolved.")
+        raise ValueError(
+            "run_chains needs a resolved config (numeric nbeta, no epsilon='auto'); see SamplingConfig.resolved."
+        )
     sampled_names = select_parameter_names(model, config.params)
     members = resolve_groups(model, sampled_names, config.param_groups) if config.param_groups else {}
     groups = (FULL_MODEL, *members)
-    started = time.perf_counter()
+    started = clock()
     with preserved_rng_states(), quiet_evaluation(model), forward_context():
         loss = FunctionalLoss(model, loss_fn, sampled_names, source.device)
         init_loss = mean_init_loss(loss, source, chunk_size=source.batch_size * num_chains)
         total = len(groups) * num_chains
         if start_offsets is not None and (
-            set(start_offsets) != set(loss.anchor) or any(start_offsets[name].shape != (total, *w.shape) for name, w in loss.anchor.items())
+            set(start_offsets) != set(loss.anchor)
+            or any(start_offsets[name].shape != (total, *w.shape) for name, w in loss.anchor.items())
         ):
             raise ValueError(f"start_offsets must hold [{total}, ...] offsets for exactly the sampled parameters.")
-        sampling_started = time.perf_counter()
+        sampling_started = clock()
         size = min(config.chain_batch or num_chains, num_chains)
         pieces: list[_Traces] = []
-        epsilon: float | str = config.epsilon
+        epsilon: Epsilon = config.epsilon
         for index, first in enumerate(range(0, num_chains, size)):
             count = min(size, num_chains - first)
             chosen = torch.tensor([g * num_chains + c for g in range(len(groups)) for c in range(first, first + count)])
-            offsets = None if start_offsets is None else {name: o[chosen.to(o.device)] for name, o in start_offsets.items()}
+            offsets = (
+                None if start_offsets is None else {name: o[chosen.to(o.device)] for name, o in start_offsets.items()}
+            )
             piece_config = dataclasses.replace(config, epsilon=epsilon)
             chains = _Chains(
-                loss, source, piece_config, num_chains=len(groups) * count, masks=_group_masks(members, loss.anchor, count, source.device),
-                seed=seed if index == 0 else (seed + 1_000_003 * index) % (2**63 - 1), device=source.device,
-                epsilon=INITIAL_EPSILON if epsilon == "adaptive" else float(epsilon), offsets=offsets,
+                loss,
+                source,
+                piece_config,
+                num_chains=len(groups) * count,
+                masks=_group_masks(members, loss.anchor, count, source.device),
+                seed=seed if index == 0 else (seed + 1_000_003 * index) % (2**63 - 1),
+                device=source.device,
+                epsilon=INITIAL_EPSILON if epsilon == "adaptive" else float(epsilon),
+                offsets=offsets,
             )
             with attention_backends(chains.vectorized):
-                pieces.append(_sample(chains, [MinibatchLoss(), *observables], config=piece_config, average=average, full_chains=count))
+                pieces.append(
+                    _sample(
+                        chains, [MinibatchLoss(), *observables], config=piece_config, average=average, full_chains=count
+                    )
+                )
             epsilon = pieces[0].epsilon
             del chains
         if source.device.type == "cuda":
             torch.cuda.synchronize(source.device)
-        sampling_seconds = time.perf_counter() - sampling_started
+        sampling_seconds = clock() - sampling_started
     vectorized = all(piece.vectorized for piece in pieces)
-    log.debug("%d x %d chains x %d steps (%s) in %.2fs", len(groups), num_chains, config.num_steps, "vmap" if vectorized else "sequential", time.perf_counter() - started)
+    log.debug(
+        "%d x %d chains x %d steps (%s) in %.2fs",
+        len(groups),
+        num_chains,
+        config.num_steps,
+        "vmap" if vectorized else "sequential",
+        clock() - started,
+    )
 
     def grouped(tensors: list[Tensor]) -> Tensor:
         """Pieces' ``[groups * count, ...]`` rows as ``[groups, chains, ...]``."""
         return torch.cat([t.reshape(len(groups), -1, *t.shape[1:]) for t in tensors], dim=1)
 
     return ChainRun(
-        observations={name: grouped([p.observations[name] for p in pieces]).detach().double().cpu() for name in pieces[0].observations},
+        observations={
+            name: grouped([p.observations[name] for p in pieces]).detach().double().cpu()
+            for name in pieces[0].observations
+        },
         failed_at=grouped([p.failed_at for p in pieces]).cpu(),
         acceptance=grouped([p.acceptance for p in pieces]).detach().double().cpu(),
         init_loss=init_loss,
@@ -565,7 +676,8 @@ def run_chains(
         groups=groups,
         vectorized=vectorized,
         final_offsets={
-            name: grouped([p.offsets[name] for p in pieces]).reshape(-1, *pieces[0].offsets[name].shape[1:]) for name in pieces[0].offsets
+            name: grouped([p.offsets[name] for p in pieces]).reshape(-1, *pieces[0].offsets[name].shape[1:])
+            for name in pieces[0].offsets
         },
         sampling_seconds=sampling_seconds,
     )

@@ -17,6 +17,9 @@ DEFAULT_TARGET_ACCEPTANCE = 0.95
 """Mean MALA acceptance that the adaptive step size aims for. On the ground-truth models (tests) acceptance near 0.9
 still came with 10-20% discretization bias in λ̂; 0.95 keeps it to a few per cent."""
 
+Epsilon = float | Literal["adaptive", "auto"]
+"""A step size, or how to choose one: ``"adaptive"`` (dual averaging in the burn-in) or ``"auto"`` (calibration)."""
+
 ESTIMATE_DEFAULTS = {"num_chains": 4, "num_draws": 200, "num_burnin_steps": 100}
 """Chain shape of a one-off estimate (:func:`~lightning_devinterp.estimate_llc`, :func:`~lightning_devinterp.calibrate`)."""
 
@@ -71,7 +74,7 @@ class SamplingConfig:
     num_draws: int | None = None
     num_burnin_steps: int | None = None
     num_steps_bw_draws: int = 1
-    epsilon: float | Literal["adaptive", "auto"] = "adaptive"
+    epsilon: Epsilon = "adaptive"
     gamma: float = 100.0
     nbeta: float | None = None
     batch_size: int | None = None
@@ -97,7 +100,9 @@ class SamplingConfig:
         if not isinstance(self.compile, bool):
             raise ValueError(f"compile must be True or False, got {self.compile!r}.")
         if self.param_groups is not None and (not isinstance(self.param_groups, dict) or not self.param_groups):
-            raise ValueError(f"param_groups must be a non-empty dict of group names to parameter patterns, got {self.param_groups!r}.")
+            raise ValueError(
+                f"param_groups must be a non-empty dict of group names to parameter patterns, got {self.param_groups!r}."
+            )
         if self.epsilon not in ("adaptive", "auto"):
             check_positive("epsilon", self.epsilon)
         if not (isinstance(self.target_acceptance, (int, float)) and 0.0 < self.target_acceptance < 1.0):
@@ -112,14 +117,18 @@ class SamplingConfig:
         allowed = sampler_options(self.sampler)
         for key, value in (self.sampler_kwargs or {}).items():
             if key not in allowed:
-                raise ValueError(f"sampler_kwargs: {self.sampler!r} has no setting {key!r}; it has {sorted(allowed) or 'none'}.")
+                raise ValueError(
+                    f"sampler_kwargs: {self.sampler!r} has no setting {key!r}; it has {sorted(allowed) or 'none'}."
+                )
             check_positive(f"sampler_kwargs[{key!r}]", value)
         if self.vectorize not in (True, False, "auto"):
             raise ValueError(f"vectorize must be True, False or 'auto', got {self.vectorize!r}.")
 
     def with_defaults(self, **defaults: Any) -> SamplingConfig:
         """This config with every setting that is None and named in ``defaults`` filled in."""
-        return dataclasses.replace(self, **{key: value for key, value in defaults.items() if getattr(self, key) is None})
+        return dataclasses.replace(
+            self, **{key: value for key, value in defaults.items() if getattr(self, key) is None}
+        )
 
     def resolve_nbeta(self, num_samples: int | None) -> float:
         """The nbeta to use: the configured one, else ``n / log n`` for ``num_samples``."""
@@ -134,7 +143,8 @@ class SamplingConfig:
 
     def resolved(self, *, num_samples: int | None, epsilon: float | None = None) -> SamplingConfig:
         """A copy with nbeta (and, if given, epsilon) as numbers and every chain-shape setting filled in; an
-        ``"adaptive"`` epsilon stays so (the chains resolve it during burn-in)."""
+        ``"adaptive"`` epsilon stays so (the chains resolve it during burn-in).
+        """
         config = self.with_defaults(**ESTIMATE_DEFAULTS)
         return dataclasses.replace(
             config, nbeta=self.resolve_nbeta(num_samples), epsilon=self.epsilon if epsilon is None else float(epsilon)

@@ -53,16 +53,27 @@ class MinibatchSource:
     """
 
     def __init__(
-        self, data: DataLoader | Dataset, batch_size: int | None, device: torch.device, max_samples: int = MAX_ITERABLE_SAMPLES
+        self,
+        data: DataLoader | Dataset,
+        batch_size: int | None,
+        device: torch.device,
+        max_samples: int = MAX_ITERABLE_SAMPLES,
     ) -> None:
         self.device = device
         self.max_samples = max_samples
         if isinstance(data, DataLoader):
             dataset, collate_fn = data.dataset, data.collate_fn
             if batch_size is None and data.batch_size is None:
-                how = "its dataset yields ready-made batches" if isinstance(data.dataset, IterableDataset) else "it uses a batch_sampler"
-                raise ValueError(f"the DataLoader has batch_size=None ({how}), so the size of a chain's minibatch is unknown; pass batch_size=...")
+                how = (
+                    "its dataset yields ready-made batches"
+                    if isinstance(data.dataset, IterableDataset)
+                    else "it uses a batch_sampler"
+                )
+                raise ValueError(
+                    f"the DataLoader has batch_size=None ({how}), so the size of a chain's minibatch is unknown; pass batch_size=..."
+                )
             batch_size = batch_size or data.batch_size
+            assert batch_size is not None
         elif isinstance(data, Dataset):
             if batch_size is None:
                 raise ValueError("batch_size is required when data is a Dataset rather than a DataLoader.")
@@ -114,7 +125,9 @@ class MinibatchSource:
         if not ended:
             log.warning(
                 "the iterable dataset did not end within max_samples=%d samples (or %d MiB); the chains use those, and "
-                "n, the dataset's size, is unknown (nbeta must be given).", self.max_samples, MAX_CACHED_BYTES >> 20,
+                "n, the dataset's size, is unknown (nbeta must be given).",
+                self.max_samples,
+                MAX_CACHED_BYTES >> 20,
             )
         return tree_unflatten(merged, spec)
 

@@ -71,5 +71,8 @@ def estimate_llc(
             raise LLCEstimationError(calibration.message)
         return dataclasses.replace(results[(calibration.best.epsilon, calibration.best.nbeta)], calibration=calibration)
     resolved = config.resolved(num_samples=source.dataset_size)
-    run = run_chains(model, loss_fn, source, resolved, num_chains=resolved.num_chains, seed=seed, observables=observables)
+    assert resolved.num_chains is not None
+    run = run_chains(
+        model, loss_fn, source, resolved, num_chains=resolved.num_chains, seed=seed, observables=observables
+    )
     return summarize_chains(run, resolved)

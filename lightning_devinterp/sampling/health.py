@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor
 
 MAX_SHARE_BELOW_INIT = 0.7
@@ -21,7 +20,8 @@ _T_QUANTILES = (63.66, 9.92, 5.84, 4.60, 4.03)
 def drift_threshold(num_chains: int) -> float:
     """Standard errors a drift must exceed with ``num_chains`` chains: :data:`DRIFT_T_STAT`, or the two-sided 1%
     Student-t quantile when that is larger. Few chains estimate their own spread poorly: with two, a fixed 4
-    would flag about one levelled-off estimate in six."""
+    would flag about one levelled-off estimate in six.
+    """
     degrees = num_chains - 1
     return max(DRIFT_T_STAT, _T_QUANTILES[degrees - 1] if degrees <= len(_T_QUANTILES) else 0.0)
 
@@ -36,7 +36,8 @@ On L = ½ Σ h w², chains at acceptance 0.78 and 0.70 overstate the continuous-
 
 def first_failures(failed_at: Tensor) -> dict[int, int]:
     """For each chain whose loss became NaN/Inf, the first SGLD step (0-based) where it did (``failed_at`` holds -1
-    for chains that never failed)."""
+    for chains that never failed).
+    """
     return {chain: int(step) for chain, step in enumerate(failed_at.tolist()) if step >= 0}
 
 

@@ -8,7 +8,7 @@ vectorized and sequential paths draw the same randomness. The update works in pl
 parameter at a time, so that sampling holds the chains' parameters and gradients and only one parameter's
 worth of temporaries (:mod:`~lightning_devinterp.sampling.chains`).
 
-Convention (``GUIDE.md`` section 1, Lau et al. 2023, arXiv 2308.12108)::
+Convention (Lau et al. 2023, arXiv 2308.12108; derived in docs/mathematics.md)::
 
     w <- w - (epsilon/2) * (nbeta * grad L_B(w) + gamma * (w - w*)) + N(0, epsilon I)
 
@@ -39,24 +39,41 @@ class Kernel(Protocol):
     def init_state(self, w: Tensor) -> Tensor | None:
         """The carried state of one parameter at the start of a chain (None if the sampler carries none)."""
 
-    def update_(self, w: Tensor, grad: Tensor, anchor: Tensor, noise: Tensor, state: Tensor | None, mask: Tensor | None) -> None:
+    def update_(
+        self, w: Tensor, grad: Tensor, anchor: Tensor, noise: Tensor, state: Tensor | None, mask: Tensor | None
+    ) -> None:
         """One transition of one parameter, in place on ``w`` (and ``state``), given its minibatch gradient and
-        standard-normal noise; entries where ``mask`` is 0 do not move."""
+        standard-normal noise; entries where ``mask`` is 0 do not move.
+        """
 
     def preconditioner(self, state: Tensor | None) -> Tensor | None:
         """The elementwise preconditioner G of one parameter after the last step (None for the identity)."""
 
     def update_many_(
-        self, ws: list[Tensor], grads: list[Tensor], anchors: list[Tensor], noises: list[Tensor], states: list[Tensor | None], masks: list[Tensor] | None
+        self,
+        ws: list[Tensor],
+        grads: list[Tensor],
+        anchors: list[Tensor],
+        noises: list[Tensor],
+        states: list[Tensor | None],
+        masks: list[Tensor] | None,
     ) -> None:
         """:meth:`update_` for several parameters at once (fused where the sampler can)."""
 
 
 def _update_each_(
-    kernel: Kernel, ws: list[Tensor], grads: list[Tensor], anchors: list[Tensor], noises: list[Tensor], states: list[Tensor | None], masks: list[Tensor] | None
+    kernel: Kernel,
+    ws: list[Tensor],
+    grads: list[Tensor],
+    anchors: list[Tensor],
+    noises: list[Tensor],
+    states: list[Tensor | None],
+    masks: list[Tensor] | None,
 ) -> None:
     for index, w in enumerate(ws):
-        kernel.update_(w, grads[index], anchors[index], noises[index], states[index], None if masks is None else masks[index])
+        kernel.update_(
+            w, grads[index], anchors[index], noises[index], states[index], None if masks is None else masks[index]
+        )
 
 
 def _move_(w: Tensor, delta: Tensor, mask: Tensor | None) -> None:
@@ -76,7 +93,9 @@ class SGLD:
     def init_state(self, w: Tensor) -> Tensor | None:
         return None
 
-    def update_(self, w: Tensor, grad: Tensor, anchor: Tensor, noise: Tensor, state: Tensor | None, mask: Tensor | None) -> None:
+    def update_(
+        self, w: Tensor, grad: Tensor, anchor: Tensor, noise: Tensor, state: Tensor | None, mask: Tensor | None
+    ) -> None:
         if mask is None:
             self.update_many_([w], [grad], [anchor], [noise], [state], None)
             return
@@ -86,13 +105,24 @@ class SGLD:
         _move_(w, delta, mask)
 
     def update_many_(
-        self, ws: list[Tensor], grads: list[Tensor], anchors: list[Tensor], noises: list[Tensor], states: list[Tensor | None], masks: list[Tensor] | None
+        self,
+        ws: list[Tensor],
+        grads: list[Tensor],
+        anchors: list[Tensor],
+        noises: list[Tensor],
+        states: list[Tensor | None],
+        masks: list[Tensor] | None,
     ) -> None:
         """The same update with fused multi-tensor ops: a handful of kernel launches per step, whatever the layers.
-        Without masks it needs no temporaries: the pull toward w* is w <- (1 - c) w + c w*, c = epsilon gamma / 2."""
+        Without masks it needs no temporaries: the pull toward w* is w <- (1 - c) w + c w*, c = epsilon gamma / 2.
+        """
         if masks is not None:
             delta = torch._foreach_mul(grads, -0.5 * self.epsilon * self.nbeta)
-            torch._foreach_add_(delta, torch._foreach_sub(ws, [a.expand_as(w) for a, w in zip(anchors, ws)]), alpha=-0.5 * self.epsilon * self.gamma)
+            torch._foreach_add_(
+                delta,
+                torch._foreach_sub(ws, [a.expand_as(w) for a, w in zip(anchors, ws)]),
+                alpha=-0.5 * self.epsilon * self.gamma,
+            )
             torch._foreach_add_(delta, noises, alpha=math.sqrt(self.epsilon))
             torch._foreach_mul_(delta, [m.expand_as(w) for m, w in zip(masks, ws)])
             torch._foreach_add_(ws, delta)
@@ -126,7 +156,9 @@ class RMSPropSGLD:
     def init_state(self, w: Tensor) -> Tensor | None:
         return torch.zeros_like(w)
 
-    def update_(self, w: Tensor, grad: Tensor, anchor: Tensor, noise: Tensor, state: Tensor | None, mask: Tensor | None) -> None:
+    def update_(
+        self, w: Tensor, grad: Tensor, anchor: Tensor, noise: Tensor, state: Tensor | None, mask: Tensor | None
+    ) -> None:
         assert state is not None
         state.mul_(self.alpha).addcmul_(grad, grad, value=1.0 - self.alpha)
         precondition = self.preconditioner(state)
@@ -145,7 +177,10 @@ class RMSPropSGLD:
 SAMPLERS = {"sgld": SGLD, "rmsprop_sgld": RMSPropSGLD}
 
 
-def _per_chain_sum(tensor: Tensor) -> Tensor:
+def _per_chain_sum(tensor: Tensor, weight: Tensor | None = None) -> Tensor:
+    """The sum over each chain's entries (those where ``weight`` is 1, with a mask)."""
+    if weight is not None:
+        tensor = tensor * weight
     return tensor.reshape(tensor.shape[0], -1).sum(dim=1)
 
 
@@ -161,7 +196,7 @@ def mala_log_acceptance(
     preconditioner: Params | None = None,
     mask: Params | None = None,
 ) -> Tensor:
-    """Metropolis-adjusted log acceptance ratio of an SGLD proposal, per chain (``GUIDE.md`` section 2).
+    """Metropolis-adjusted log acceptance ratio of an SGLD proposal, per chain (docs/mathematics.md).
 
     With the potential ``U = nbeta L + gamma/2 |w - w*|^2`` and the Gaussian proposal
     ``q(y | x) = N(y; x - (epsilon/2) G grad U(x), epsilon G)``::
@@ -179,15 +214,15 @@ def mala_log_acceptance(
         y, a = proposal[name], anchor[name]
         scale = preconditioner[name] if preconditioner is not None else None
         weight = mask[name] if mask is not None else None
-
-        def summed(tensor: Tensor) -> Tensor:
-            return _per_chain_sum(tensor if weight is None else tensor * weight)
-
-        log_ratio = log_ratio + 0.5 * gamma * (summed((x - a) ** 2) - summed((y - a) ** 2))
+        log_ratio = log_ratio + 0.5 * gamma * (
+            _per_chain_sum((x - a) ** 2, weight) - _per_chain_sum((y - a) ** 2, weight)
+        )
         for to, start, start_grad, sign in ((x, y, proposal_grads[name], 1.0), (y, x, grads[name], -1.0)):
-            mean = start - 0.5 * epsilon * (1.0 if scale is None else scale) * (nbeta * start_grad + gamma * (start - a))
+            mean = start - 0.5 * epsilon * (1.0 if scale is None else scale) * (
+                nbeta * start_grad + gamma * (start - a)
+            )
             squared = (to - mean) ** 2 / (2.0 * epsilon * (1.0 if scale is None else scale))
-            log_ratio = log_ratio - sign * summed(squared)
+            log_ratio = log_ratio - sign * _per_chain_sum(squared, weight)
     return log_ratio
 
 
@@ -200,4 +235,5 @@ def make_kernel(sampler: str, *, epsilon: float, nbeta: float, gamma: float, **o
     """The kernel registered under ``sampler`` (one of :data:`SAMPLERS`), with its extra ``options``."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}.")
-    return SAMPLERS[sampler](epsilon=epsilon, nbeta=nbeta, gamma=gamma, **options)
+    kernel: Kernel = SAMPLERS[sampler](epsilon=epsilon, nbeta=nbeta, gamma=gamma, **options)
+    return kernel

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +30,7 @@ def is_lightning_module(model: nn.Module) -> bool:
 
 def training_step_loss(module: nn.Module, batch: Any) -> Tensor:
     """The loss of ``module.training_step(batch, 0)``: the returned tensor, or the ``"loss"`` entry of a dict."""
-    output = module.training_step(batch, 0)
+    output = cast(Any, module).training_step(batch, 0)
     if isinstance(output, dict):
         if "loss" not in output:
             raise TypeError(
@@ -106,14 +106,17 @@ forward pre-hook), so sampling keeps them."""
 def without_user_hooks(model: nn.Module) -> Iterator[None]:
     """Set aside the forward, forward-pre and backward hooks of every submodule (except :data:`MODEL_HOOKS`), and put
     the very same registries back on exit: sampling must not feed activation caches or statistics, nor trip on
-    hooks that keep tensors (which vmap cannot let escape)."""
+    hooks that keep tensors (which vmap cannot let escape).
+    """
     saved = []
     for module in model.modules():
         for name in HOOK_DICTS:
             hooks = getattr(module, name, None)
             if hooks:
                 saved.append((module, name, hooks))
-                module.__dict__[name] = OrderedDict((key, hook) for key, hook in hooks.items() if isinstance(hook, MODEL_HOOKS))
+                module.__dict__[name] = OrderedDict(
+                    (key, hook) for key, hook in hooks.items() if isinstance(hook, MODEL_HOOKS)
+                )
     try:
         yield
     finally:
@@ -168,4 +171,5 @@ class FunctionalLoss:
 
     def __call__(self, sampled: dict[str, Tensor], batch: Any) -> Tensor:
         tensors = {f"model.{name}": w for name, w in {**sampled, **self.constants}.items()}
-        return functional_call(self._module, tensors, (batch,))
+        loss: Tensor = functional_call(self._module, tensors, (batch,))
+        return loss

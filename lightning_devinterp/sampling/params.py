@@ -1,5 +1,6 @@
 """Choose which parameters a chain samples (weight-restricted, or "refined", LLC), and groups of them whose LLC is
-measured on its own (per-component LLC), with helpers that build groups per layer and per attention head."""
+measured on its own (per-component LLC), with helpers that build groups per layer and per attention head.
+"""
 
 from __future__ import annotations
 
@@ -44,7 +45,9 @@ def select_parameter_names(model: nn.Module, params: ParamSelector = None) -> li
             raise TypeError(f"params entries must be strings (names, module prefixes or globs), got {pattern!r}.")
         if not any(_matches(name, pattern) for name in names):
             shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
-            raise ValueError(f"params entry {pattern!r} matches no parameter of {type(model).__name__}. Its parameters: {shown}")
+            raise ValueError(
+                f"params entry {pattern!r} matches no parameter of {type(model).__name__}. Its parameters: {shown}"
+            )
     return [name for name in names if any(_matches(name, pattern) for pattern in patterns)]
 
 
@@ -75,20 +78,26 @@ def resolve_groups(model: nn.Module, sampled: list[str], groups: ParamGroups) ->
                 if name not in shapes:
                     raise ValueError(f"group {group!r}: {type(model).__name__} has no parameter {name!r}.")
                 if not isinstance(mask, Tensor) or mask.shape != shapes[name]:
-                    raise ValueError(f"group {group!r}: the mask of {name!r} must be a tensor of shape {tuple(shapes[name])}.")
+                    raise ValueError(
+                        f"group {group!r}: the mask of {name!r} must be a tensor of shape {tuple(shapes[name])}."
+                    )
                 members[name] = mask.bool()
         else:
             members = {name: None for name in select_parameter_names(model, spec)}
         outside = [name for name in members if name not in sampled]
         if outside:
-            raise ValueError(f"group {group!r} names parameters that are not sampled ({', '.join(outside)}); widen params or narrow the group.")
+            raise ValueError(
+                f"group {group!r} names parameters that are not sampled ({', '.join(outside)}); widen params or narrow the group."
+            )
         if not members or all(mask is not None and not bool(mask.any()) for mask in members.values()):
             raise ValueError(f"group {group!r} selects no parameter entries.")
         resolved[group] = members
     return resolved
 
 
-def layer_groups(model: nn.Module, types: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)) -> dict[str, list[str]]:
+def layer_groups(
+    model: nn.Module, types: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
+) -> dict[str, list[str]]:
     """One group per module of ``types`` that holds parameters of its own, named after the module (``"net.0"``)."""
     return {
         name: [name]
@@ -99,7 +108,8 @@ def layer_groups(model: nn.Module, types: tuple[type[nn.Module], ...] = (nn.Line
 
 def _head_masks(width: int, num_heads: int, head: int) -> tuple[Tensor, Tensor]:
     """Which of a fused ``[q | k | v]`` projection's ``3 * width`` outputs belong to ``head``, and which of the
-    ``width`` attention outputs it writes."""
+    ``width`` attention outputs it writes.
+    """
     size = width // num_heads
     rows = torch.zeros(3 * width, dtype=torch.bool)
     for part in range(3):
@@ -112,7 +122,8 @@ def _head_masks(width: int, num_heads: int, head: int) -> tuple[Tensor, Tensor]:
 def head_groups(model: nn.Module, qkv: str, num_heads: int, out: str | None = None) -> dict[str, dict[str, Tensor]]:
     """One group per attention head of a fused query/key/value projection ``qkv`` (an ``nn.Linear`` whose output is
     ``[q | k | v]``, each ``num_heads`` heads wide), with the head's columns of the output projection ``out`` if
-    given: the rows of q, k and v that belong to head h (and their biases), and out's columns that read them."""
+    given: the rows of q, k and v that belong to head h (and their biases), and out's columns that read them.
+    """
     modules = dict(model.named_modules())
     projection = modules.get(qkv)
     if not isinstance(projection, nn.Linear) or projection.out_features % (3 * num_heads):
@@ -140,7 +151,9 @@ def multihead_attention_groups(model: nn.Module) -> dict[str, dict[str, Tensor]]
         if not isinstance(module, nn.MultiheadAttention):
             continue
         if not module._qkv_same_embed_dim:
-            raise ValueError(f"{name}: only MultiheadAttention with a packed in_proj_weight (kdim == vdim == embed_dim) is supported.")
+            raise ValueError(
+                f"{name}: only MultiheadAttention with a packed in_proj_weight (kdim == vdim == embed_dim) is supported."
+            )
         width, heads = module.embed_dim, module.num_heads
         prefix = f"{name}." if name else ""
         for h in range(heads):

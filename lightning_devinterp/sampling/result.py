@@ -67,7 +67,8 @@ class LLCResult:
 
 def summarize_chains(run: ChainRun, config: SamplingConfig) -> LLCResult:
     """The LLC estimate and its health findings from raw chains (possibly gathered from several processes): the full
-    model's, with each group's in ``groups``."""
+    model's, with each group's in ``groups``.
+    """
     full, *parts = (_summarize_group(run, config, index) for index in range(len(run.groups)))
     return dataclasses.replace(full, groups=dict(zip(run.groups[1:], parts)))
 

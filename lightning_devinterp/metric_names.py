@@ -1,0 +1,45 @@
+"""The names under which estimates and transitions are logged, shared by the monitor, the detectors and the plots.
+
+Every logger receives these keys; ``trainer.callback_metrics`` holds :data:`LLC_MEAN`, :data:`LLC_STEP` and each
+group's mean. Reading logs back (``lightning-devinterp plot``) uses the same names, so they are spelled only here.
+"""
+
+from __future__ import annotations
+
+import re
+
+PREFIX = "llc/"
+"""Every λ̂ metric starts with this; a ``TransitionMonitor`` watching such a name treats it as a sparse λ̂ series."""
+
+LLC_MEAN = "llc/mean"
+LLC_STD = "llc/std"
+LLC_LOWER = "llc/lower"
+LLC_UPPER = "llc/upper"
+LLC_INIT_LOSS = "llc/init_loss"
+LLC_NBETA = "llc/nbeta"
+LLC_EPSILON = "llc/epsilon"
+LLC_ACCEPTANCE = "llc/acceptance"
+LLC_HEALTHY = "llc/healthy"
+LLC_SECONDS = "llc/seconds"
+LLC_STEP = "llc/step"
+"""In ``callback_metrics`` only: the step the latest healthy estimate was taken at."""
+
+LLC_TRANSITIONS = "llc/transitions"
+"""A marker on the λ̂ chart at each transition report."""
+
+TRANSITIONS_PREFIX = "transitions/"
+TRANSITION_ONSET = "transitions/onset"
+TRANSITION_END = "transitions/end"
+
+GROUP_MEAN = re.compile(r"^llc/([^/]+)/mean$")
+"""Matches a group's mean λ̂ and captures the group's name."""
+
+
+def group_metric(group: str, field: str) -> str:
+    """The name of one field (``"mean"`` or ``"std"``) of a parameter group's λ̂, e.g. ``llc/attn/mean``."""
+    return f"{PREFIX}{group}/{field}"
+
+
+def transition_metric(is_onset: bool) -> str:
+    """The scalar logged at a transition report: :data:`TRANSITION_ONSET` or :data:`TRANSITION_END`."""
+    return TRANSITION_ONSET if is_onset else TRANSITION_END

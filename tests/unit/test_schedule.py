@@ -1,0 +1,69 @@
+"""The budgeted schedule's plan and thinning, and the tracker's response to a change of step size, without a Trainer."""
+
+import dataclasses
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lightning_devinterp import LLCResult, SamplingConfig, TransitionDetector
+from lightning_devinterp.detection.combined import TransitionEvidence
+from lightning_devinterp.tracking.schedule import EARLY_FRACTION, TARGET_ESTIMATES, EstimateSchedule, planned_steps
+from lightning_devinterp.tracking.tracker import LLCTracker
+
+
+@settings(max_examples=50, deadline=None)
+@given(total=st.integers(min_value=1, max_value=10**7))
+def test_the_plan_is_log_spaced_early_then_even(total):
+    steps = planned_steps(total)
+    assert steps == sorted(set(steps)) and 1 <= steps[0] and steps[-1] == total
+    assert len(steps) <= TARGET_ESTIMATES
+    if total >= 10_000:
+        assert len(steps) == TARGET_ESTIMATES
+        early = [s for s in steps if s <= EARLY_FRACTION * total]
+        assert len(early) >= 9 and all(
+            b / a == pytest.approx(early[1] / early[0], rel=0.02) for a, b in zip(early, early[1:])
+        )
+        late_gaps = {b - a for a, b in zip(steps[10:], steps[11:])}
+        assert max(late_gaps) - min(late_gaps) <= 1
+
+
+def test_a_budget_too_small_for_the_plan_thins_it_evenly():
+    """Training takes 1 ms a step and an estimate 60 ms. 10% of 3000 steps is 0.3 s; stretched for a curve, at most
+    0.6 s: ten of the 30 planned estimates. The ones that run are spread over the plan, not bunched at its end."""
+    now = [0.0]
+    schedule = EstimateSchedule(max_overhead=0.1, clock=lambda: now[0])
+    schedule.start(3000)
+    schedule.record(0.06)
+    kept = []
+    for step in schedule.plan:
+        now[0] = step * 0.001 + schedule.own_seconds
+        allowed = schedule.allowance(step, smallest_cost=0.06)
+        if allowed:
+            kept.append(step)
+            schedule.own_seconds += allowed
+    assert 9 <= len(kept) <= 11, kept
+    assert kept[0] <= 0.1 * 3000 and kept[-1] >= 0.8 * 3000
+    assert schedule.own_seconds <= 2 * 0.1 * 3 + 0.06
+
+
+def test_a_change_of_step_size_starts_the_llc_series_over():
+    """λ̂ at a new step size is not comparable with the old: the λ̂ detector forgets its level there."""
+    evidence = TransitionEvidence(None, TransitionDetector())
+    tracker = LLCTracker(SamplingConfig(), seed=0, evidence=evidence)
+    result = LLCResult(
+        llc_mean=5.0,
+        llc_std=0.1,
+        llc_per_chain=torch.full((4,), 5.0),
+        loss_trace=torch.zeros(4, 10),
+        acceptance=torch.full((4,), 0.95),
+        init_loss=0.0,
+        nbeta=10.0,
+        epsilon=1e-4,
+    )
+    for step in range(0, 500, 100):
+        tracker.detect(tracker.record(step, result, 0.1))
+    assert evidence.llc.level == 5.0
+    changed = tracker.record(500, dataclasses.replace(result, llc_mean=50.0, epsilon=1e-5), 0.1, epsilon_changed=True)
+    assert tracker.detect(changed) is None and evidence.llc.level is None

@@ -42,7 +42,14 @@ class AnalysisError(Exception):
 
 
 def checkpoint_step(path: Path) -> int:
-    """The training step of a checkpoint: ``step=N`` in its file name, else its ``global_step`` entry."""
+    """The training step of a checkpoint: ``step=N`` in its file name, else its ``global_step`` entry.
+
+    Args:
+        path: a Lightning checkpoint.
+
+    Raises:
+        AnalysisError: neither the name nor the checkpoint says its step.
+    """
     match = re.search(r"step=(\d+)", path.name)
     if match:
         return int(match.group(1))
@@ -53,7 +60,11 @@ def checkpoint_step(path: Path) -> int:
 
 
 def result_columns(groups: Sequence[str]) -> list[str]:
-    """The CSV's columns: :data:`RESULT_COLUMNS`, then the mean and std of each group's λ̂."""
+    """The CSV's columns: :data:`RESULT_COLUMNS`, then the mean and std of each group's λ̂.
+
+    Args:
+        groups: the names of the parameter groups, in order.
+    """
     return RESULT_COLUMNS + [f"{group}_{field}" for group in groups for field in ("llc_mean", "llc_std")]
 
 

@@ -153,7 +153,11 @@ def _parse_setting(name: str, kind: Any) -> Callable[[str], Any]:
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    """One option per SamplingConfig field (``--num-chains``, ``--epsilon``, ...), typed and described as the field is."""
+    """Add one option per SamplingConfig field (``--num-chains``, ``--epsilon``, ...), typed and described as it is.
+
+    Args:
+        parser: the parser (or sub-command parser) to extend.
+    """
     hints, helps = typing.get_type_hints(SamplingConfig), _setting_help()
     for field in dataclasses.fields(SamplingConfig):
         option, default = "--" + field.name.replace("_", "-"), ESTIMATE_DEFAULTS.get(field.name, field.default)
@@ -171,7 +175,14 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def sampling_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The sampling settings given on the command line, as keyword arguments for SamplingConfig."""
+    """The sampling settings given on the command line, as keyword arguments for SamplingConfig.
+
+    Args:
+        args: the parsed command line.
+
+    Raises:
+        CLIError: ``--param-groups`` or ``--sampler-kwargs`` items that are not NAME=VALUE.
+    """
     settings = {field.name: getattr(args, field.name) for field in dataclasses.fields(SamplingConfig)}
     if settings["param_groups"] is not None:
         groups = [item.partition("=") for item in settings["param_groups"]]

@@ -36,10 +36,19 @@ GROUP_MEAN = re.compile(r"^llc/([^/]+)/mean$")
 
 
 def group_metric(group: str, field: str) -> str:
-    """The name of one field (``"mean"`` or ``"std"``) of a parameter group's λ̂, e.g. ``llc/attn/mean``."""
+    """The name of one field of a parameter group's λ̂, e.g. ``llc/attn/mean``.
+
+    Args:
+        group: the group's name (a key of ``param_groups``).
+        field: ``"mean"`` or ``"std"``.
+    """
     return f"{PREFIX}{group}/{field}"
 
 
 def transition_metric(is_onset: bool) -> str:
-    """The scalar logged at a transition report: :data:`TRANSITION_ONSET` or :data:`TRANSITION_END`."""
+    """The scalar logged at a transition report.
+
+    Args:
+        is_onset: True for an onset (:data:`TRANSITION_ONSET`), False for an end (:data:`TRANSITION_END`).
+    """
     return TRANSITION_ONSET if is_onset else TRANSITION_END

@@ -8,7 +8,7 @@ import math
 
 
 def aoyagi_lambda(widths: list[int], rank: int) -> float:
-    """λ of a bias-free deep linear network with widths ``H_0 (input), ..., H_L (output)`` whose true product has rank ``rank``.
+    """λ of a bias-free deep linear network whose true product matrix has a given rank (Aoyagi 2024).
 
     With ``M_j = H_j - rank``, the index set Σ (|Σ| = ℓ + 1) is the smallest prefix of the indices sorted by M with
     ``max_Σ M < min_rest M``, ``Σ_Σ M >= ℓ max_Σ M`` and ``Σ_Σ M < ℓ min_rest M`` (the last two only while a rest
@@ -17,6 +17,13 @@ def aoyagi_lambda(widths: list[int], rank: int) -> float:
         λ = (-r² + r (H_0 + H_L)) / 2 + a (ℓ - a) / (4ℓ) - ℓ (ℓ - 1) / 4 (S / ℓ)² + ½ Σ_{i<j in Σ} M_i M_j
 
     Used by Furman & Lau 2024 (arXiv 2402.03698) to validate LLC estimates.
+
+    Args:
+        widths: ``H_0`` (input), ..., ``H_L`` (output).
+        rank: the rank r of the true product matrix.
+
+    Raises:
+        ValueError: fewer than two widths, or a rank outside ``[0, min(widths)]``.
     """
     if len(widths) < 2 or rank < 0 or rank > min(widths):
         raise ValueError(f"need at least two widths and 0 <= rank <= min(widths), got widths={widths}, rank={rank}.")

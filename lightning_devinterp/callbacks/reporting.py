@@ -42,24 +42,44 @@ loss have charts of their own: TensorBoard draws one y-axis per chart, and their
 
 
 def tensorboard_loggers(trainer: pl.Trainer) -> list[TensorBoardLogger]:
-    """The trainer's TensorBoard loggers (none under ``fast_dev_run``, which replaces the loggers)."""
+    """The trainer's TensorBoard loggers (none under ``fast_dev_run``, which replaces the loggers).
+
+    Args:
+        trainer: the running Trainer.
+    """
     return [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
 
 
 def log_scalars(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
-    """Write ``metrics`` at ``step`` to every logger directly, bypassing ``log_every_n_steps`` (loggers are rank-zero only)."""
+    """Write scalars to every logger directly, bypassing ``log_every_n_steps`` (loggers write on rank zero only).
+
+    Args:
+        trainer: the running Trainer.
+        metrics: scalar values by name.
+        step: the step they belong to.
+    """
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=step)
 
 
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
-    """A Markdown table, as TensorBoard's text dashboard renders it."""
+    """A Markdown table, as TensorBoard's text dashboard renders it.
+
+    Args:
+        header: the column titles.
+        rows: the cells, row by row.
+    """
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])
 
 
 def write_run_header(trainer: pl.Trainer, settings: dict[str, Any]) -> None:
-    """The custom-scalars layout and the monitor's settings as a text table, once per TensorBoard run."""
+    """The custom-scalars layout and the monitor's settings as a text table, once per TensorBoard run.
+
+    Args:
+        trainer: the running Trainer.
+        settings: the settings to show, by name.
+    """
     table = markdown_table(["setting", "value"], [[key, value] for key, value in settings.items()])
     for logger in tensorboard_loggers(trainer):
         logger.experiment.add_custom_scalars(TENSORBOARD_LAYOUT)
@@ -67,7 +87,13 @@ def write_run_header(trainer: pl.Trainer, settings: dict[str, Any]) -> None:
 
 
 def report_calibration(trainer: pl.Trainer, calibration: CalibrationResult, step: int) -> None:
-    """The calibration's message and table as TensorBoard text."""
+    """The calibration's message and table as TensorBoard text.
+
+    Args:
+        trainer: the running Trainer.
+        calibration: what ``epsilon="auto"`` measured and chose.
+        step: the step it was run at.
+    """
     rows = sorted(calibration.table, key=lambda row: (row["nbeta"], row["epsilon"]))
     table = markdown_table(
         ["epsilon", "nbeta", "llc", "acceptance", "healthy", "stable"],
@@ -88,7 +114,13 @@ def report_calibration(trainer: pl.Trainer, calibration: CalibrationResult, step
 
 
 def report_epsilon(trainer: pl.Trainer, record: LLCRecord, previous: float | None) -> None:
-    """Say which step size the estimates use from this one on: once adapted, and again whenever health changed it."""
+    """Say which step size the estimates use from this one on: once adapted, and again whenever health changed it.
+
+    Args:
+        trainer: the running Trainer.
+        record: the estimate that first used the step.
+        previous: the step used before, or None at the first adaptation.
+    """
     epsilon = record.result.epsilon
     if previous is None:
         message = f"LLCMonitor: step size epsilon = {epsilon:.3g}, adapted at step {record.step} (kept for the run unless health demands a change)."
@@ -104,12 +136,15 @@ def report_epsilon(trainer: pl.Trainer, record: LLCRecord, previous: float | Non
 
 
 def report_estimate(trainer: pl.Trainer, record: LLCRecord) -> None:
-    """``llc/*`` scalars to every logger at the estimate's step (with ``param_groups``, ``llc/<group>/mean`` and
-    ``llc/<group>/std`` too). A healthy estimate also goes into
-    ``trainer.callback_metrics`` (``llc/mean``, each ``llc/<group>/mean``, and ``llc/step``, the step it was taken at)
-    and the progress bar;
-    an unhealthy one does not, and the progress bar drops ``llc`` until a healthy one comes, so that neither shows
-    a number that is not a measurement.
+    """Log an estimate: ``llc/*`` scalars to every logger at its step, and a healthy one to the Trainer's metrics.
+
+    A healthy estimate also goes into ``trainer.callback_metrics`` (``llc/mean``, each ``llc/<group>/mean``, and
+    ``llc/step``, the step it was taken at) and the progress bar; an unhealthy one does not, and the progress bar
+    drops ``llc`` until a healthy one comes, so that neither shows a number that is not a measurement.
+
+    Args:
+        trainer: the running Trainer.
+        record: the estimate.
     """
     result = record.result
     log_scalars(
@@ -153,7 +188,12 @@ def report_estimate(trainer: pl.Trainer, record: LLCRecord) -> None:
 
 
 def transition_checkpoint_path(trainer: pl.Trainer, transition: Transition) -> str:
-    """``<checkpoint dir>/transition-<metric>-step=<step>.ckpt``, beside the trainer's own checkpoints."""
+    """``<checkpoint dir>/transition-<metric>-step=<step>.ckpt``, beside the trainer's own checkpoints.
+
+    Args:
+        trainer: the running Trainer.
+        transition: the report the checkpoint is saved for.
+    """
     callback = trainer.checkpoint_callback
     directory = getattr(callback, "dirpath", None) or os.path.join(
         trainer.log_dir or trainer.default_root_dir, "checkpoints"
@@ -176,6 +216,14 @@ def announce_transition(
 
     Runs on every rank with the same ``transition`` (decisions are made from gathered values), so the collective
     checkpoint save is safe under DDP.
+
+    Args:
+        trainer: the running Trainer.
+        pl_module: the module being trained (passed to the hook).
+        transition: the report.
+        llc_value: where the marker goes on the λ̂ chart (None: no marker).
+        on_transition: the user's hook, or None.
+        save_checkpoint: save a checkpoint at the report.
     """
     message = transition.describe()
     rank_zero_warn(message, category=TransitionWarning)

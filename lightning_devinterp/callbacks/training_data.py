@@ -32,6 +32,12 @@ class TrainingData:
     In order of preference: the user's ``dataloader``; a private DataLoader over the training dataset (its
     collate_fn, the training batch size, no workers, no sampler: minibatches come from the estimator's own
     generator); for an iterable training set, a ring buffer of the last ``buffer_size`` training batches.
+
+    Args:
+        dataloader: the user's data for the chains, or None for a view of the training data.
+        batch_size: the chains' minibatch size; default the DataLoader's.
+        buffer_size: training batches kept for iterable training data.
+        max_samples: iterable data is read up to this many samples.
     """
 
     def __init__(

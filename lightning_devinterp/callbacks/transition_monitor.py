@@ -38,6 +38,15 @@ class TransitionMonitor(Callback):
     ``lightning_devinterp`` logger), a ``transitions/onset`` or ``transitions/end`` scalar and a TensorBoard text
     entry, an optional checkpoint and the ``on_transition(trainer, pl_module, transition)`` hook. Under DDP the
     detector sees the mean of the metric over ranks (one small all-reduce per step), so every rank decides alike.
+
+    Args:
+        monitor: the name of a logged metric (as in ``trainer.callback_metrics``).
+        detector: the detector to feed; default as described above.
+        on_transition: called as ``on_transition(trainer, pl_module, transition)`` at each report.
+        save_checkpoint: save a checkpoint at each report (``transition-<metric>-step=<step>.ckpt``).
+
+    Raises:
+        ValueError, TypeError: a bad argument, named in the message.
     """
 
     def __init__(

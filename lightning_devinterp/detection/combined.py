@@ -32,8 +32,13 @@ from lightning_devinterp.metric_names import LLC_MEAN
 
 
 class TransitionEvidence:
-    """Combines :class:`LossDropDetector` (on the training loss) and :class:`LevelShiftDetector` (on λ̂); either may
-    be None. ``attribution_steps`` after a loss drop ends, λ̂ changes still belong to it (default: its ``lag``).
+    """Combines the loss's evidence and λ̂'s into one stream of reports (see the module docstring).
+
+    Args:
+        loss: the detector of falls of the training loss and of L(w*), or None.
+        llc: the detector of shifts between settled λ̂ levels, or None.
+        attribution_steps: for this many steps after a loss drop ends, λ̂ changes still belong to it (default: the
+            loss detector's ``lag``).
     """
 
     def __init__(
@@ -210,6 +215,22 @@ def detect_transitions(
     and/or the training loss at every step (``training_losses``, (step, loss) pairs), it is the monitor's
     :class:`TransitionEvidence` with a default :class:`LossDropDetector`, fed in the monitor's order: the training
     losses up to an estimate's step, then the estimate. Reports come in the order they were made.
+
+    Args:
+        steps: the estimates' training steps, strictly increasing.
+        values: the λ̂ estimates.
+        stds: their standard errors (None where unknown).
+        metric: the name the λ̂ reports carry.
+        healthy: whether each estimate is healthy (default: all are); unhealthy ones never form a level.
+        fixed_losses: each estimate's L(w*), the loss on fixed data at w*.
+        training_losses: (step, loss) pairs of the training loss.
+        **detector_kwargs: settings of the :class:`LevelShiftDetector`.
+
+    Returns:
+        The onsets and ends reported, in order.
+
+    Raises:
+        ValueError: the columns differ in length, or the steps do not increase.
     """
     for name, column in (("stds", stds), ("healthy", healthy), ("fixed_losses", fixed_losses)):
         if column is not None and len(column) != len(values):

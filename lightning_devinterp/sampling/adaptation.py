@@ -38,9 +38,14 @@ def gradient_noise_ceiling(
     SGLD's drift (ε/2) nβ ∇L_B carries the minibatch noise of ∇L_B, of variance (ε nβ / 2)² tr Cov(∇L_B) in all;
     the injected noise has variance ε d. Keeping the first within ``share`` of the second gives
     ε ≤ 4 share d / (nβ² tr Cov(∇L_B)). The Metropolis check cannot see this noise (each check uses one minibatch),
-    and above the ceiling it heats the chains: on a linear regression with batch 32 (d = 33, nβ = 263) the step
-    adapted without it was ten times the ceiling and λ̂ came out 2.3 times the exact value. ``gradient_variance``
-    is tr Cov(∇L_B); zero (full-batch gradients) leaves the step unbounded.
+    and above the ceiling it heats the chains and inflates λ̂ (docs/choosing-settings.md shows by how much).
+
+    Args:
+        gradient_variance: tr Cov(∇L_B), the total variance of the minibatch gradient; zero (full-batch gradients)
+            leaves the step unbounded.
+        dimension: d, the number of sampled parameters.
+        nbeta: n times the inverse temperature.
+        share: the largest share of the injected noise's variance that gradient noise may add.
     """
     if not gradient_variance > 0 or not math.isfinite(gradient_variance):
         return math.inf

@@ -205,7 +205,20 @@ def calibrate_on_source(
     observables: Sequence[Observable] = (),
     forward_context: Callable[[], ContextManager[Any]] = nullcontext,
 ) -> tuple[CalibrationResult, dict[tuple[float, float], LLCResult]]:
-    """:func:`calibrate` on prepared data; also returns every estimate it ran, keyed by (epsilon, nbeta)."""
+    """:func:`calibrate` on prepared data; also returns every estimate it ran, keyed by (epsilon, nbeta).
+
+    Args:
+        model: the model at w*.
+        loss_fn: the resolved loss function.
+        source: the prepared minibatches.
+        config: the sampling settings (its epsilon is ignored).
+        seed: seeds every trial.
+        epsilons: the step sizes to walk, instead of the adapted top and its halvings.
+        nbetas: the inverse temperatures (times n) to try; default the config's.
+        num_chains: chains per trial; default the config's.
+        observables: extra draw-time observables for every trial.
+        forward_context: wraps every loss evaluation (a Trainer's autocast, for instance).
+    """
     started = time.perf_counter()
     if epsilons is not None and (not len(epsilons) or any(not (math.isfinite(e) and e > 0) for e in epsilons)):
         raise ValueError(f"epsilons must be positive finite numbers, got {list(epsilons)!r}.")
@@ -294,18 +307,33 @@ def calibrate(
     device: str | torch.device | None = None,
     **settings: Any,
 ) -> CalibrationResult:
-    """Choose epsilon (and, if several are given, nbeta): the largest step size on a plateau of λ̂ against epsilon.
+    """Choose epsilon (and, if several are given, nbeta): a step size on a plateau of λ̂ against epsilon.
 
-    For each nbeta in ``nbetas`` (default ``[n / log n]``, tried in order): adapt epsilon toward the target MALA
-    acceptance to find the top of the healthy range (or take the given ``epsilons``), then walk down by halving
-    and choose the largest epsilon whose estimate is healthy (finite chains that level off within the
-    burn-in, λ̂ > 0, not descending, acceptance at least 0.8) and agrees with the next smaller step's within 10% or
-    two standard errors. If no two neighbours agree, ``best`` is None and ``message`` says what to change (usually
-    a larger gamma). See the module docstring for why acceptance alone is not enough.
+    For each nbeta in ``nbetas`` (tried in order): adapt epsilon toward the target MALA acceptance to find the top of
+    the healthy range (or take the given ``epsilons``), then walk down by halving to the first plateau, neighbouring
+    steps whose estimates are healthy and agree within 10% or two standard errors, and choose its middle (of three)
+    or its top (of two). If no two neighbours agree, ``best`` is None and ``message`` says what to change (usually a
+    larger gamma). The module docstring says why acceptance alone is not enough. The model and the global RNG states
+    are left as they were; every trial uses the same seed.
 
-    The model and the global RNG states are left as they were. ``settings`` are the sampling settings of
-    :class:`~lightning_devinterp.SamplingConfig` (as for :func:`~lightning_devinterp.estimate_llc`; ``epsilon`` is
-    what is being chosen); every trial uses the same ``seed``.
+    Args:
+        model: the model at w*.
+        data: a DataLoader or a map-style Dataset (then ``batch_size`` is required), as for
+            :func:`~lightning_devinterp.estimate_llc`.
+        loss_fn: ``loss_fn(model, batch) -> scalar`` mean loss; default the ``training_step`` loss of a LightningModule.
+        epsilons: the step sizes to walk, instead of the adapted top and its halvings.
+        nbetas: the inverse temperatures (times n) to try; default ``[n / log n]``.
+        seed: seeds every trial; None draws one.
+        device: where chains run; default the model's.
+        **settings: the other sampling settings of :class:`~lightning_devinterp.SamplingConfig` (``epsilon`` is what
+            is being chosen).
+
+    Returns:
+        Every trial (``table``), the choice (``best``) and why (``message``).
+
+    Raises:
+        TypeError: ``epsilon`` was given, or an unknown setting.
+        ValueError: bad grids or settings.
     """
     if "epsilon" in settings:
         raise TypeError("calibrate chooses epsilon: pass the grid as epsilons=[...], not epsilon.")

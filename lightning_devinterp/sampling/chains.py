@@ -8,11 +8,10 @@ group ``g`` (group 0 is the full model). Per-chain outputs are shaped ``[groups,
 Memory: the chains' parameters and their gradients (2x chains x parameters, beyond activations); w* is shared;
 noise and update temporaries exist for one parameter at a time (below :data:`FUSED_ELEMENTS` entries, for all at
 once: a few MiB at most). An acceptance check every :data:`ACCEPTANCE_EVERY` draws looks at
-:data:`ACCEPTANCE_CHAINS` chains per group, so it adds little; measured on a 0.67M-parameter MLP (CPU, the
-profiler's live-tensor peak), the chains cost 4.2x chains x parameters x 4 bytes with activations and the
-backward's temporaries. Adapting the step size checks every chain at every step (its Metropolis correction
-applies to each), about 7x during that half of the burn-in. RMSProp's running average adds one copy.
-``chain_batch`` runs the chains in groups of that many, one group after another, to bound all of it.
+:data:`ACCEPTANCE_CHAINS` chains per group, so it adds little. Adapting the step size checks every chain at every
+step (its Metropolis correction applies to each), which needs more during that half of the burn-in. RMSProp's
+running average adds one copy. ``chain_batch`` runs the chains in groups of that many, one group after another, to
+bound all of it. docs/scale.md gives measured peaks.
 """
 
 from __future__ import annotations
@@ -62,7 +61,7 @@ FUSED_ELEMENTS = 1 << 22
 with fused ops (fast for small models, 16 MiB of temporaries at most); beyond it, one parameter at a time (lean)."""
 
 ACCEPTANCE_EVERY = 20
-"""Draw steps between MALA acceptance checks; each costs one extra forward and backward pass (about 5% in all)."""
+"""Draw steps between MALA acceptance checks; each costs one extra forward and backward pass."""
 
 ACCEPTANCE_CHAINS = 4
 """A draw-time acceptance check looks at this many chains of each group (the first ones): acceptance is a mean, and
@@ -79,10 +78,13 @@ class LossError(ValueError):
 
 
 def gathered(how: Literal["cat", "first", "all", "local"], default: Any = dataclasses.MISSING) -> Any:
-    """Declare how a :class:`ChainRun` field combines across processes: ``"cat"`` concatenates per-chain values in
-    rank order along the chain axis (axis 1, after the group axis), ``"first"`` takes rank zero's (the same
-    everywhere), ``"all"`` is true only if true on every rank, ``"local"`` stays with the process that made it (the
-    gathered run holds the default).
+    """Declare a :class:`ChainRun` field and how it combines across processes.
+
+    Args:
+        how: ``"cat"`` concatenates per-chain values in rank order along the chain axis (axis 1, after the group
+            axis), ``"first"`` takes rank zero's (the same everywhere), ``"all"`` is true only if true on every
+            rank, ``"local"`` stays with the process that made it (the gathered run holds the default).
+        default: the field's default value.
     """
     return field(default=default, metadata={"gather": how})
 
@@ -115,7 +117,17 @@ class ChainRun:
 
 
 def mean_init_loss(loss: FunctionalLoss, source: MinibatchSource, chunk_size: int) -> float:
-    """L(w*): the sample-weighted mean of the minibatch mean losses over the data (no grad)."""
+    """L(w*): the sample-weighted mean of the minibatch mean losses over the data (no grad).
+
+    Args:
+        loss: the loss at any parameters; evaluated at its anchor, w*.
+        source: the data (all of it, or a fixed subset for data too large to cache).
+        chunk_size: samples per forward pass.
+
+    Raises:
+        ValueError: the loss is not a scalar, or is not finite (the message says whether the weights or the data are
+            to blame).
+    """
     total, count = 0.0, 0
     with torch.no_grad():
         for batch, size in source.init_loss_batches(chunk_size):
@@ -171,6 +183,9 @@ def attention_backends(vectorized: bool) -> Iterator[None]:
     backend, which is exact and batches: on CUDA the fused kernels it would otherwise pick have no batching rule for
     their backward (``LSE is not correctly aligned``), and on CPU its flash kernel has none at all, so vmap would
     fall back to a loop over the chains. Without vmap, nothing changes.
+
+    Args:
+        vectorized: whether the chains run under vmap.
     """
     if not vectorized:
         yield
@@ -188,7 +203,7 @@ def _grads_and_losses(chain_losses: ChainLosses, position: Params, batch: Any) -
     """Each chain's minibatch gradient and loss, from one backward pass through the sum of the chains' losses.
 
     Chains share no parameters, so the gradient of the sum with respect to chain c's parameters is exactly the
-    gradient of chain c's loss. A forward ``vmap`` plus one ordinary backward is ~25% cheaper than ``vmap(grad)``.
+    gradient of chain c's loss. A forward ``vmap`` plus one ordinary backward is cheaper than ``vmap(grad)``.
     """
     leaves = {name: w.detach().requires_grad_(True) for name, w in position.items()}
     with torch.enable_grad():
@@ -583,19 +598,31 @@ def run_chains(
     start_offsets: Params | None = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> ChainRun:
-    """Sample ``num_chains`` chains (per group, with ``config.param_groups``) from the model's current parameters,
-    leaving model and global RNGs as they were.
+    """Sample chains from the model's current parameters w*, leaving the model and the global RNGs as they were.
 
-    ``config`` must be resolved (numeric nbeta, a numeric or ``"adaptive"`` epsilon, chain shape filled in).
-    ``forward_context`` wraps every loss evaluation (a Trainer's autocast, for instance). ``num_chains`` may differ
-    from ``config.num_chains`` when chains are split across processes; ``average`` then takes the mean of a number
-    over the processes (step-size adaptation uses it so that every process adapts alike). The minibatch loss is
-    always observed (as ``"loss"``), before ``observables``. ``start_offsets`` (``[virtual chains, ...]`` per
-    sampled parameter, e.g. a previous run's ``final_offsets``) start the chains at w* plus these offsets.
+    The minibatch loss is always observed (as ``"loss"``), before ``observables``. With ``config.chain_batch``, the
+    chains run ``chain_batch`` (per group) at a time; each batch draws from generators seeded from ``seed`` and its
+    index (the first batch from ``seed`` itself), and with ``epsilon="adaptive"`` only the first batch adapts: the
+    others use its step.
 
-    With ``config.chain_batch``, the chains run ``chain_batch`` (per group) at a time; each batch draws from
-    generators seeded from ``seed`` and its index (the first batch from ``seed`` itself), and with
-    ``epsilon="adaptive"`` only the first batch adapts: the others use its step.
+    Args:
+        model: the model at w*.
+        loss_fn: ``loss_fn(model, batch) -> scalar`` mean loss.
+        source: the minibatches.
+        config: resolved settings (numeric nbeta, a numeric or ``"adaptive"`` epsilon, the chain shape filled in).
+        num_chains: chains of this process, per group; may differ from ``config.num_chains`` when chains are split
+            across processes.
+        seed: seeds the chains' private generators.
+        observables: extra draw-time observables.
+        forward_context: wraps every loss evaluation (a Trainer's autocast, for instance).
+        average: the mean of a number over the processes (step-size adaptation uses it so that every process
+            adapts alike); the identity for one process.
+        start_offsets: per sampled parameter, ``[virtual chains, ...]`` offsets from w* to start the chains at (a
+            previous run's ``final_offsets``, say).
+        clock: the wall clock for ``sampling_seconds``.
+
+    Raises:
+        ValueError: an unresolved config, or offsets of the wrong shape.
     """
     if config.epsilon == "auto" or config.nbeta is None:
         raise ValueError(

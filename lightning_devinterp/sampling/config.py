@@ -14,8 +14,8 @@ from lightning_devinterp.sampling.kernels import SAMPLERS, sampler_options
 from lightning_devinterp.sampling.params import ParamSelector
 
 DEFAULT_TARGET_ACCEPTANCE = 0.95
-"""Mean MALA acceptance that the adaptive step size aims for. On the ground-truth models (tests) acceptance near 0.9
-still came with 10-20% discretization bias in λ̂; 0.95 keeps it to a few per cent."""
+"""Mean MALA acceptance that the adaptive step size aims for: higher than the usual 0.9, whose discretization bias
+in λ̂ is still visible on the ground-truth models (docs/choosing-settings.md)."""
 
 Epsilon = float | Literal["adaptive", "auto"]
 """A step size, or how to choose one: ``"adaptive"`` (dual averaging in the burn-in) or ``"auto"`` (calibration)."""
@@ -25,14 +25,22 @@ ESTIMATE_DEFAULTS = {"num_chains": 4, "num_draws": 200, "num_burnin_steps": 100}
 
 
 def default_nbeta(num_samples: int) -> float:
-    """``n / log(n)``, i.e. ``n * beta`` at the theory default inverse temperature ``beta = 1 / log(n)``."""
+    """``n / log(n)``, i.e. ``n * beta`` at the theory default inverse temperature ``beta = 1 / log(n)``.
+
+    Args:
+        num_samples: n, the number of training samples (at least 2).
+    """
     if num_samples < 2:
         raise ValueError(f"the default nbeta = n / log(n) needs at least 2 samples, got n = {num_samples}; pass nbeta.")
     return num_samples / math.log(num_samples)
 
 
 def check_setting_names(settings: dict[str, Any]) -> None:
-    """An unknown sampling setting is a TypeError that suggests the closest known name."""
+    """Reject unknown sampling settings with a TypeError that suggests the closest known name.
+
+    Args:
+        settings: keyword arguments meant for :class:`SamplingConfig`.
+    """
     names = [field.name for field in dataclasses.fields(SamplingConfig)]
     for key in settings:
         if key not in names:

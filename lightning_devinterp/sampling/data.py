@@ -50,6 +50,16 @@ class MinibatchSource:
     :data:`LARGE_DATA_INIT_LOSS_SAMPLES` samples. An iterable-style DataLoader is read once, up to ``max_samples``
     samples or :data:`MAX_CACHED_BYTES`: if it ends first, n is the number of samples read; if not (a stream that
     may never end), the chains use what was read and ``dataset_size`` is None (n unknown: pass nbeta).
+
+    Args:
+        data: a DataLoader or a map-style Dataset.
+        batch_size: samples per chain per step; default the DataLoader's (required for a Dataset).
+        device: where the minibatches go.
+        max_samples: iterable data is read up to this many samples.
+
+    Raises:
+        ValueError: no batch size, or empty data.
+        TypeError: data of another kind, or batches that are not (nested) tensors.
     """
 
     def __init__(

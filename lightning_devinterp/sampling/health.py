@@ -18,9 +18,12 @@ _T_QUANTILES = (63.66, 9.92, 5.84, 4.60, 4.03)
 
 
 def drift_threshold(num_chains: int) -> float:
-    """Standard errors a drift must exceed with ``num_chains`` chains: :data:`DRIFT_T_STAT`, or the two-sided 1%
-    Student-t quantile when that is larger. Few chains estimate their own spread poorly: with two, a fixed 4
-    would flag about one levelled-off estimate in six.
+    """Standard errors a drift must exceed: :data:`DRIFT_T_STAT`, or the two-sided 1% Student-t quantile when
+    that is larger. Few chains estimate their own spread poorly: with two, a fixed 4 would flag about one
+    levelled-off estimate in six.
+
+    Args:
+        num_chains: the chains whose spread the standard error comes from (at least 2).
     """
     degrees = num_chains - 1
     return max(DRIFT_T_STAT, _T_QUANTILES[degrees - 1] if degrees <= len(_T_QUANTILES) else 0.0)
@@ -30,13 +33,15 @@ DRIFT_RELATIVE = 0.25
 """...and at least this share of the mean loss increase over L(w*), so that tiny but consistent drifts pass."""
 
 MIN_ACCEPTANCE = 0.8
-"""Below this mean MALA acceptance the SGLD discretization is too coarse to trust (practitioners aim near 0.9).
-On L = ½ Σ h w², chains at acceptance 0.78 and 0.70 overstate the continuous-time λ by 43% and 144%."""
+"""Below this mean MALA acceptance the SGLD discretization is too coarse to trust (practitioners aim near 0.9;
+docs/choosing-settings.md shows how far λ̂ is off below it)."""
 
 
 def first_failures(failed_at: Tensor) -> dict[int, int]:
-    """For each chain whose loss became NaN/Inf, the first SGLD step (0-based) where it did (``failed_at`` holds -1
-    for chains that never failed).
+    """For each chain whose loss became NaN/Inf, the first SGLD step (0-based) where it did.
+
+    Args:
+        failed_at: per chain, that step, or -1 for chains that never failed.
     """
     return {chain: int(step) for chain, step in enumerate(failed_at.tolist()) if step >= 0}
 
@@ -60,9 +65,18 @@ def diagnose(
 ) -> list[str]:
     """Human-readable findings; an empty list means the estimate looks healthy.
 
-    ``draws`` is ``[num_chains, num_draws]``; failed chains (keys of ``failures``) are ignored in the checks. The
-    levelling-off check compares the first and last quarter of each chain's draws and judges the change against
-    its spread across chains, so it needs at least two surviving chains.
+    Failed chains are ignored in the checks. The levelling-off check compares the first and last quarter of each
+    chain's draws and judges the change against its spread across chains, so it needs two surviving chains.
+
+    Args:
+        draws: the draws' losses, ``[num_chains, num_draws]``.
+        init_loss: L(w*).
+        llc_mean: the estimate.
+        failures: the first failing step of each diverged chain (:func:`first_failures`).
+        acceptance: each chain's mean MALA acceptance.
+        epsilon: the step size, for the advice.
+        num_burnin_steps: burn-in steps, to say where a chain failed.
+        num_steps_bw_draws: steps between draws, likewise.
     """
     findings = []
     for chain, step in failures.items():

@@ -25,7 +25,19 @@ def prepare_estimate(
     seed: int | None,
     device: str | torch.device | None,
 ) -> tuple[LossFn, MinibatchSource, int]:
-    """Check the model, resolve the loss and the seed, and read the data: what every public entry point needs first."""
+    """Check the model, resolve the loss and the seed, and read the data: what every public entry point needs first.
+
+    Args:
+        model: the model at w*.
+        data: a DataLoader or a map-style Dataset.
+        loss_fn: the user's loss, or None for a LightningModule's ``training_step`` loss.
+        config: the sampling settings (``params``, ``batch_size`` and ``max_samples`` are read here).
+        seed: an integer, or None to draw one.
+        device: where chains run; default the device of the model's first parameter.
+
+    Returns:
+        The loss function, the minibatch source and the seed.
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     if seed is not None and not is_integer(seed):

@@ -207,6 +207,21 @@ def mala_log_acceptance(
     proposal, on the same minibatch. A preconditioned proposal uses the same ``G`` in both directions (an
     approximation: RMSProp's ``G`` would change slightly at ``w'``). With a ``mask``, only the entries that move
     count (frozen ones have ``w = w' = w*``). Sums run one parameter at a time. Healthy chains accept around 0.9.
+
+    Args:
+        kernel: the sampler (its epsilon, nbeta and gamma).
+        position: the chains' positions before the step, ``[chains, ...]`` per parameter.
+        proposal: their positions after it.
+        losses: the minibatch losses at ``position``, ``[chains]``.
+        proposal_losses: the same minibatch's losses at ``proposal``.
+        grads: the minibatch gradients at ``position``.
+        proposal_grads: the same minibatch's gradients at ``proposal``.
+        anchor: w*, ``[1, ...]`` per parameter.
+        preconditioner: the elementwise preconditioner G per parameter (None: the identity).
+        mask: per parameter, the entries that move (None: all).
+
+    Returns:
+        log alpha per chain.
     """
     epsilon, nbeta, gamma = kernel.epsilon, kernel.nbeta, kernel.gamma
     log_ratio = nbeta * (losses - proposal_losses)
@@ -227,12 +242,24 @@ def mala_log_acceptance(
 
 
 def sampler_options(sampler: str) -> set[str]:
-    """The settings of ``sampler`` beyond epsilon, nbeta and gamma (what ``sampler_kwargs`` may set)."""
+    """The settings of a sampler beyond epsilon, nbeta and gamma (what ``sampler_kwargs`` may set).
+
+    Args:
+        sampler: a key of :data:`SAMPLERS`.
+    """
     return {field.name for field in dataclasses.fields(SAMPLERS[sampler])} - {"epsilon", "nbeta", "gamma"}
 
 
 def make_kernel(sampler: str, *, epsilon: float, nbeta: float, gamma: float, **options: float) -> Kernel:
-    """The kernel registered under ``sampler`` (one of :data:`SAMPLERS`), with its extra ``options``."""
+    """The kernel registered under ``sampler``, with its settings.
+
+    Args:
+        sampler: a key of :data:`SAMPLERS`.
+        epsilon: the step size.
+        nbeta: n times the inverse temperature.
+        gamma: the localization strength.
+        **options: the sampler's own settings (:func:`sampler_options`).
+    """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}.")
     kernel: Kernel = SAMPLERS[sampler](epsilon=epsilon, nbeta=nbeta, gamma=gamma, **options)

@@ -24,12 +24,24 @@ LossFn = Callable[[nn.Module, Any], Tensor]
 
 
 def is_lightning_module(model: nn.Module) -> bool:
-    """True for a LightningModule (or anything shaped like one: a ``training_step`` and a ``log`` method)."""
+    """True for a LightningModule (or anything shaped like one: a ``training_step`` and a ``log`` method).
+
+    Args:
+        model: any module.
+    """
     return callable(getattr(model, "training_step", None)) and callable(getattr(model, "log", None))
 
 
 def training_step_loss(module: nn.Module, batch: Any) -> Tensor:
-    """The loss of ``module.training_step(batch, 0)``: the returned tensor, or the ``"loss"`` entry of a dict."""
+    """The loss of ``module.training_step(batch, 0)``: the returned tensor, or the ``"loss"`` entry of a dict.
+
+    Args:
+        module: a LightningModule.
+        batch: one batch, as its training loop would pass it.
+
+    Raises:
+        TypeError: ``training_step`` returned neither a tensor nor a dict with a ``"loss"`` tensor.
+    """
     output = cast(Any, module).training_step(batch, 0)
     if isinstance(output, dict):
         if "loss" not in output:
@@ -47,7 +59,15 @@ def training_step_loss(module: nn.Module, batch: Any) -> Tensor:
 
 
 def resolve_loss_fn(model: nn.Module, loss_fn: LossFn | None) -> LossFn:
-    """``loss_fn`` itself, or the training_step loss for a LightningModule."""
+    """``loss_fn`` itself, or the training_step loss for a LightningModule.
+
+    Args:
+        model: the model to be sampled.
+        loss_fn: the user's loss, or None.
+
+    Raises:
+        TypeError: ``loss_fn`` is not callable, or is None for a plain ``nn.Module``.
+    """
     if loss_fn is not None:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}.")
@@ -107,6 +127,9 @@ def without_user_hooks(model: nn.Module) -> Iterator[None]:
     """Set aside the forward, forward-pre and backward hooks of every submodule (except :data:`MODEL_HOOKS`), and put
     the very same registries back on exit: sampling must not feed activation caches or statistics, nor trip on
     hooks that keep tensors (which vmap cannot let escape).
+
+    Args:
+        model: the model whose submodules' hooks are set aside.
     """
     saved = []
     for module in model.modules():
@@ -131,6 +154,9 @@ def quiet_evaluation(model: nn.Module) -> Iterator[None]:
 
     Eval mode makes the loss deterministic (no dropout) and keeps BatchNorm on its running statistics, as L(w*)
     requires; silencing ``log`` keeps a training_step used as loss from writing into a live Trainer's metrics.
+
+    Args:
+        model: the model to evaluate quietly.
     """
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
@@ -159,6 +185,12 @@ class FunctionalLoss:
 
     Parameters that are not sampled and all buffers are detached copies taken at construction (w*), passed as
     ``constants``, so in-place buffer updates inside the forward never reach the model.
+
+    Args:
+        model: the model at w*.
+        loss_fn: ``loss_fn(model, batch) -> scalar``.
+        sampled_names: the parameters that are swapped in at each call; their values at w* are the ``anchor``.
+        device: where the copies of w* go.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, sampled_names: list[str], device: torch.device) -> None:

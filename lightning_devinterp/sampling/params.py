@@ -25,6 +25,10 @@ def select_parameter_names(model: nn.Module, params: ParamSelector = None) -> li
     (``"layers.*.weight"``); a parameter is selected when any entry matches it, whatever its ``requires_grad``.
     Tied parameters appear once, under their first name.
 
+    Args:
+        model: the model.
+        params: None, or names, module prefixes and globs.
+
     Raises:
         ValueError: the model has no trainable parameters, or an entry matches no parameter.
     """
@@ -62,6 +66,11 @@ ParamGroups = Mapping[str, GroupSpec]
 def resolve_groups(model: nn.Module, sampled: list[str], groups: ParamGroups) -> dict[str, dict[str, Tensor | None]]:
     """Each group as ``{parameter name: element mask, or None for the whole parameter}``, over the sampled ones.
 
+    Args:
+        model: the model.
+        sampled: the names of the sampled parameters (every group must lie within them).
+        groups: group names to name patterns or ``{parameter name: element mask}``.
+
     Raises:
         ValueError: a group selects nothing, names a parameter that is not sampled, or has a mask of the wrong shape.
     """
@@ -98,7 +107,12 @@ def resolve_groups(model: nn.Module, sampled: list[str], groups: ParamGroups) ->
 def layer_groups(
     model: nn.Module, types: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 ) -> dict[str, list[str]]:
-    """One group per module of ``types`` that holds parameters of its own, named after the module (``"net.0"``)."""
+    """One group per module of ``types`` that holds parameters of its own, named after the module (``"net.0"``).
+
+    Args:
+        model: the model.
+        types: the module classes that make a group.
+    """
     return {
         name: [name]
         for name, module in model.named_modules()
@@ -120,9 +134,19 @@ def _head_masks(width: int, num_heads: int, head: int) -> tuple[Tensor, Tensor]:
 
 
 def head_groups(model: nn.Module, qkv: str, num_heads: int, out: str | None = None) -> dict[str, dict[str, Tensor]]:
-    """One group per attention head of a fused query/key/value projection ``qkv`` (an ``nn.Linear`` whose output is
-    ``[q | k | v]``, each ``num_heads`` heads wide), with the head's columns of the output projection ``out`` if
-    given: the rows of q, k and v that belong to head h (and their biases), and out's columns that read them.
+    """One group per attention head of a fused query/key/value projection.
+
+    Head h's group holds the rows of q, k and v that belong to it (and their biases) and, with ``out``, the columns of
+    the output projection that read them; groups are named ``<qkv>.head<h>``.
+
+    Args:
+        model: the model.
+        qkv: the name of an ``nn.Linear`` whose output is ``[q | k | v]``, each ``num_heads`` heads wide.
+        num_heads: the number of heads.
+        out: the name of the output projection (an ``nn.Linear`` reading the attention outputs), or None.
+
+    Raises:
+        ValueError: ``qkv`` or ``out`` is not such a projection.
     """
     modules = dict(model.named_modules())
     projection = modules.get(qkv)
@@ -145,7 +169,14 @@ def head_groups(model: nn.Module, qkv: str, num_heads: int, out: str | None = No
 
 
 def multihead_attention_groups(model: nn.Module) -> dict[str, dict[str, Tensor]]:
-    """One group per head of every ``nn.MultiheadAttention`` in ``model`` (packed in-projection only)."""
+    """One group per head of every ``nn.MultiheadAttention``, named ``<module>.head<h>``.
+
+    Args:
+        model: a model holding ``nn.MultiheadAttention`` modules with a packed in-projection.
+
+    Raises:
+        ValueError: no such module, or one with separate q, k and v projections.
+    """
     groups: dict[str, dict[str, Tensor]] = {}
     for name, module in model.named_modules():
         if not isinstance(module, nn.MultiheadAttention):

@@ -66,8 +66,14 @@ class LLCResult:
 
 
 def summarize_chains(run: ChainRun, config: SamplingConfig) -> LLCResult:
-    """The LLC estimate and its health findings from raw chains (possibly gathered from several processes): the full
-    model's, with each group's in ``groups``.
+    """The LLC estimate and its health findings from raw chains: the full model's, with each group's in ``groups``.
+
+    Args:
+        run: the chains (possibly gathered from several processes).
+        config: the resolved settings they were sampled with.
+
+    Raises:
+        LLCEstimationError: every chain of a group diverged.
     """
     full, *parts = (_summarize_group(run, config, index) for index in range(len(run.groups)))
     return dataclasses.replace(full, groups=dict(zip(run.groups[1:], parts)))

@@ -28,12 +28,23 @@ class Collective(Protocol):
 
 
 def chains_per_rank(num_chains: int, world_size: int) -> list[int]:
-    """As even a split of ``num_chains`` over ``world_size`` ranks as possible, lower ranks taking the remainder."""
+    """As even a split of the chains over the ranks as possible, lower ranks taking the remainder.
+
+    Args:
+        num_chains: the chains of one estimate (per group).
+        world_size: the number of processes.
+    """
     return [num_chains // world_size + (rank < num_chains % world_size) for rank in range(world_size)]
 
 
 def derive_seed(seed: int, step: int, rank: int) -> int:
-    """A distinct, reproducible seed for each (monitor seed, training step, rank): stable across resume."""
+    """A distinct, reproducible seed for each (monitor seed, training step, rank): stable across resume.
+
+    Args:
+        seed: the monitor's seed.
+        step: the training step of the estimate.
+        rank: the process's rank.
+    """
     return (((seed * 1_000_003) ^ (step * 7_919)) * 1_009 + rank) % (2**63 - 1)
 
 
@@ -55,6 +66,11 @@ def gather_run(strategy: Collective, run: ChainRun | None, counts: list[int]) ->
     """Every rank's chains on every rank, each field combined as its declaration says; None everywhere if any rank
     failed. A rank whose sampling raised passes ``run=None`` and still joins the first collective, so that the
     others do not wait forever.
+
+    Args:
+        strategy: the collectives of the processes.
+        run: this process's chains, or None if its sampling raised.
+        counts: the chains of each rank, in rank order (:func:`chains_per_rank`).
     """
     succeeded = _gather_value(strategy, run is not None)
     if not bool((succeeded == 1.0).all()):

@@ -29,8 +29,12 @@ initialisation w* is no minimum, and λ̂ there is not a measurement."""
 
 
 def planned_steps(total_steps: int, count: int = TARGET_ESTIMATES) -> list[int]:
-    """``count`` steps (fewer on short runs, where they coincide): log-spaced from :data:`FIRST_FRACTION` to
-    :data:`EARLY_FRACTION` of ``total_steps``, then evenly spaced to the last step.
+    """The budgeted schedule's plan: log-spaced from :data:`FIRST_FRACTION` to :data:`EARLY_FRACTION` of the run,
+    then evenly spaced to its last step.
+
+    Args:
+        total_steps: the run's length in optimizer steps.
+        count: how many steps (fewer on short runs, where they coincide).
     """
     first = max(1, round(FIRST_FRACTION * total_steps))
     early_end = max(first, round(EARLY_FRACTION * total_steps))
@@ -52,7 +56,17 @@ class EstimateSchedule:
     ``2 f`` to afford them. The early, log-spaced estimates are taken at the smallest size (the projection of the
     run's length is least reliable then, and they are many). When even that cannot afford every planned estimate at its smallest size, the plan is
     thinned evenly (error diffusion: each planned step adds the affordable share to a credit, and runs when the
-    credit reaches one), so the curve keeps points early and late. Without a known run length, an estimate runs whenever the budget allows.
+    credit reaches one), so the curve keeps points early and late. Without a known run length, an estimate runs
+    whenever the budget allows.
+
+    Args:
+        every_n_steps: estimate every this many optimizer steps (and at step 0).
+        log_spaced: estimate at this many log-spaced steps (and at step 0).
+        max_overhead: the budget, as a fraction of the training time (the default schedule, 0.1).
+        clock: the wall clock the budget reads, in seconds.
+
+    Raises:
+        ValueError: more than one schedule, or a bad value.
     """
 
     def __init__(

@@ -124,6 +124,12 @@ class LLCTracker:
     ``config`` holds the sampling settings; a chain-shape setting left as None is sized to the time allowed
     (see :meth:`shape_for`). nbeta is resolved in :meth:`start`. With ``epsilon="auto"`` the first estimate
     calibrates epsilon and keeps it for the run (calibration is retried at later estimates while nothing qualifies).
+
+    Args:
+        config: the sampling settings.
+        seed: seeds the chains (with the step and the rank).
+        evidence: where estimates and losses go for transition detection.
+        clock: the wall clock estimates are timed with, in seconds.
     """
 
     def __init__(

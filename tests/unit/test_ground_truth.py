@@ -1,4 +1,4 @@
-"""λ̂ against known values (GUIDE section 2). Seeds are fixed; tolerances are set from the chains' own spread."""
+"""λ̂ against known values (docs/mathematics.md). Seeds are fixed; tolerances are set from the chains' own spread."""
 
 import math
 
@@ -63,7 +63,7 @@ def test_regular_linear_regression_is_half_the_parameter_count():
 
 @pytest.mark.parametrize(("widths", "rank"), [([5, 3, 5], 0), ([2, 2, 2], 1), ([4, 4, 4, 4], 2)])
 def test_deep_linear_network_matches_aoyagi_within_15_percent(widths, rank):
-    """Near the GUIDE's reference settings (nbeta = n/log n, gamma = 1, batch 500, n = 20000, 2000 + 3000 steps).
+    """Near the published reference settings of Furman & Lau 2024 (nbeta = n/log n, gamma = 1, batch 500, n = 20000, 2000 + 3000 steps).
 
     Two deliberate changes cut the chains' spread so that 15% is a real test rather than luck: the teacher's
     labels carry no noise (λ depends only on K(w) = E½‖(W − W*)x‖²; label noise adds only minibatch variance,

@@ -40,7 +40,7 @@ def nll(model, batch):
 
 def test_each_group_matches_the_exact_formula_for_its_block_and_the_whole_for_both():
     """Full batch, at the least-squares minimum: L is exactly quadratic and batch-independent, with Hessian
-    X_block^T X_block / n for each output of each block, so each λ̂ has the exact SGLD expectation of GUIDE §2."""
+    X_block^T X_block / n for each output of each block, so each λ̂ has the exact SGLD expectation of docs/mathematics.md."""
     model, data = least_squares_problem()
     x = data.tensors[0]
     curvatures = {}

@@ -1,7 +1,7 @@
 """Per-component λ̂: which part of a small transformer takes on structure while it learns, logged live.
 
-A one-block causal transformer (token and position embeddings, 2-head attention with a fused qkv projection, an
-MLP, an unembedding; 15k parameters) learns a sequence rule: after two random tokens, each token is the sum of the
+A one-block causal transformer (token and position embeddings, 2-head attention with a fused qkv projection, an MLP,
+an unembedding; 15k parameters) learns a sequence rule: after two random tokens, each token is the sum of the
 previous two modulo 16 (10% of tokens are replaced by noise). Attention has to find the two previous positions and
 the MLP has to add their tokens. Adam, learning rate 1e-3, batch 64, 4096 generated sequences of 16 tokens.
 
@@ -12,20 +12,19 @@ columns of the output projection, built by ``head_groups``). They go to TensorBo
 ``llc/<group>/std``, charted together under "LLC by component", and to ``trainer.callback_metrics``, so that a
 ``TransitionMonitor(monitor="llc/attn/mean")`` watches the attention's own series.
 
-What to expect with the defaults (1000 steps, an estimate every 100 steps with 4 chains of 100 draws per group, 7
-groups with the full model; 1 min 45 s on a 2-core CPU, almost all of it sampling):
-- the loss falls from 2.96 to about 0.9 without a plateau, so no loss-drop onset is reported;
-- attention's λ̂ climbs from 12 (step 100) to 201 (step 600) and then levels off, while both heads move their
-  weight onto the previous token (mean weight on t-1 from 0.13 to 0.31 by step 600, 0.40 by step 1000; on t-2
-  0.12-0.19); the two heads' λ̂ climb together (7-8 -> 107-110 at the end);
-- the MLP's λ̂ follows a similar path (16 -> 180, then 168); the unembedding's rises first (25 at step 100, 61 at
-  step 400) and then falls back (39 at the end) as attention and MLP take over; the embeddings' grows slowly (2 -> 57);
-- the ``TransitionMonitor`` on ``llc/attn/mean`` reports the end of attention's climb at step 700 (104.8 -> 201.3,
-  evidence "λ̂ change");
+What to expect (1000 steps, an estimate every 100 steps with 4 chains of 100 draws per group; under two minutes on a
+laptop CPU, almost all of it sampling):
+
+- the loss falls without a plateau, so no loss-drop onset is reported;
+- attention's λ̂ climbs and then levels off while both heads move their weight onto the previous token; the MLP's
+  follows a similar path; the unembedding's rises first and falls back as attention and MLP take over; the
+  embeddings' grows slowly;
+- the ``TransitionMonitor`` on ``llc/attn/mean`` reports the end of attention's climb (evidence "λ̂ change");
 - the step-0 estimate is unhealthy (w* is the random initialisation, not a minimum) and is marked so.
 
 Outputs: TensorBoard logs under ``--log-dir``, ``<log dir>/components.png`` (needs matplotlib: the ``[examples]``
-extra; ``docs/components.png`` in the repository is this picture) and a table of estimates on stdout.
+extra; ``docs/components.png`` is this picture, docs/benchmarks.md the measured levels) and a table of estimates on
+stdout.
 
     python examples/components.py [--steps 1500] [--every 100] [--log-dir runs] [--smoke]
 """

@@ -1,23 +1,22 @@
 """A deep linear network learns a teacher's singular modes one at a time, with LLCMonitor watching.
 
-An 8-8-8 bias-free linear network starts from a tiny initialisation (scale 1e-5) and is trained by plain SGD on
-a rank-3 teacher with singular values 4, 2 and 1 (2000 samples, label noise 0.1). Gradient descent from near the
-origin is saddle-to-saddle: the loss sits on a plateau, then drops as the next mode is learned.
+An 8-8-8 bias-free linear network starts from a tiny initialisation (scale 1e-5) and is trained by plain SGD on a
+rank-3 teacher with singular values 4, 2 and 1 (2000 samples, label noise 0.1). Gradient descent from near the origin
+is saddle-to-saddle: the loss sits on a plateau, then drops as the next mode is learned.
 
-What to expect with the defaults (5000 steps, estimates every 100 steps, about 20 s on a laptop CPU):
-- loss plateaus near 11.7, 2.3 and 0.5, with drops around steps 1100, 2300 and 4500;
-- λ̂ is strongly negative (and marked unhealthy) on the plateaus: SGLD started at a saddle keeps descending, the
-  GUIDE's signature of a model that is about to move; it turns positive only once the last mode is learnt;
-- the monitor reports each drop when the loss starts to fall after its plateau (with the default seed: onsets at
-  1000, seen on the loss over the training set at an estimate, ``llc/init_loss``, and at 2195 and 4170, seen on
-  the minibatch loss first) and its end once the fall has calmed (1500 and 2705; the third fall is still settling
-  when training stops). The ends carry the loss before and after; λ̂ had no healthy level to compare;
-- at the end a longer estimate at the GUIDE's reference settings (gamma = 1) is printed beside Aoyagi's value
-  for a rank-3 8-8-8 network (29): 25.5 ± 1.8. It lands below: the network is close to, not at, the teacher.
+What to expect (5000 steps, estimates every 100 steps, about 20 s on a laptop CPU):
+
+- three loss plateaus, each ending in a drop as the next mode is learnt;
+- λ̂ strongly negative (and marked unhealthy) on the plateaus: SGLD started at a saddle keeps descending, the
+  signature of a model that is about to move; it turns positive once the last mode is learnt;
+- each drop reported when the loss starts to fall after its plateau (seen on the loss over the training set at an
+  estimate, ``llc/init_loss``, or on the minibatch loss, whichever shows it first), and its end once the fall has
+  calmed, with the loss before and after;
+- at the end, a longer estimate at reference settings (gamma = 1) printed beside Aoyagi's value for a rank-3 8-8-8
+  network. It lands a little below: the network is close to, not at, the teacher.
 
 Outputs: TensorBoard logs under ``--log-dir`` (``tensorboard --logdir runs``: ``llc/*``, ``train_loss`` and the
-"devinterp" custom-scalars layout: λ̂ with transition markers, the loss on its own chart), and a table of
-estimates on stdout.
+"devinterp" custom-scalars layout), and a table of estimates on stdout.
 
     python examples/dln_stagewise.py [--steps 5000] [--every 100] [--log-dir runs] [--smoke]
 """

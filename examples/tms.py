@@ -1,32 +1,23 @@
-"""A toy model of superposition learns its features in two stages; LLCMonitor follows λ̂ and flags the sudden one.
+"""A toy model of superposition learns its features in stages; LLCMonitor follows λ̂ and reports the transitions.
 
 The model (Elhage et al. 2022; Chen et al. 2023) squeezes 6 sparse features into 2 hidden dimensions and decodes
 them again: f(x) = ReLU(WᵀWx + b), with W a 2x6 matrix. Each input feature is present with probability 0.05 and
-then uniform in [0, 1]; the loss is ½‖f(x) − x‖² (1024 samples generated on the fly, batch 128). Plain SGD
-(learning rate 0.3) from a tiny initialisation (scale 0.01) moves through the model's critical points one at a
-time: the loss sits on a plateau, then drops while columns of W grow out of the origin or rearrange themselves in
-the plane. λ̂ follows: negative at the start (a saddle, where SGLD keeps descending), then rising to a new level
-at each drop.
+then uniform in [0, 1]; the loss is ½‖f(x) − x‖² (1024 samples generated on the fly, batch 128). Plain SGD (learning
+rate 0.3) from a tiny initialisation (scale 0.01) moves through the model's critical points one at a time: the loss
+sits on a plateau, then drops while columns of W grow out of the origin or rearrange themselves in the plane.
 
-What to expect with the defaults (3000 steps, an estimate every 50 steps with 64 chains of 800 draws; about 70 s
-on a 2-core CPU):
-- first transition, steps 250-650: W leaves the origin and 4 of its columns form a square (4 features, 90 degrees
-  apart); the loss on the training set falls from 0.049 to 0.016 and λ̂ climbs from about -1.2 to 3.6;
-- a plateau until about step 1250, then the second transition, steps 1250-1750: the square becomes a pentagon (5
-  columns about 72 degrees apart, one more feature represented); the loss falls to 0.011 and λ̂ climbs to 4.2;
-- the monitor reports the first transition twice, each time once: at its onset, when the loss on its data at w*
-  (``llc/init_loss``, the whole training set here) falls 12% below its plateau (step 300, evidence "loss drop";
-  the noisier minibatch loss alone showed it at step 480), and at its end (step 800), with λ̂ now (3.7; every
-  estimate before the onset was negative and unhealthy, the saddle's signature, so there is no λ̂ before to
-  compare). The second stage is slow: the loss falls about 5% per 100 steps (the detector
-  asks for 10%) and λ̂ climbs as a ramp, 0.05 per estimate, which the λ̂ detector follows like any slow drift. So
-  it shows in the curve and the table, not as an alert; by the rule the transitions benchmark uses, it is not a
-  sudden transition;
+What to expect (3000 steps, an estimate every 50 steps with 64 chains of 800 draws; about a minute on a laptop CPU):
+
+- λ̂ is negative at the start: w* is a saddle, where SGLD keeps descending, and the estimates are marked unhealthy;
+- the first transition: W leaves the origin and 4 of its columns form a square (4 features, 90 degrees apart); the
+  loss on the training set falls by about two thirds and λ̂ climbs to a new level. The monitor reports its onset
+  when the loss on its data at w* (``llc/init_loss``) falls below its plateau, and its end, with λ̂ now;
+- a plateau, then the second transition: the square becomes a pentagon (one more feature represented), a slower
+  fall of the loss while λ̂ climbs further;
 - the script then lists the estimates, the transitions and the columns of W at the start, at the end of each
-  transition and at the end of training;
-- a PNG of λ̂ ± std and the training-set loss (log scale), with transition onsets dashed and ends dotted (needs matplotlib: the
-  ``[examples]`` extra), drawn from the TensorBoard logs by the same code as ``lightning-devinterp plot``
-  (``docs/tms.png`` in the repository is this picture).
+  transition and at the end of training, and draws λ̂ ± std beside the training-set loss (log scale), onsets dashed
+  and ends dotted, from the TensorBoard logs (needs matplotlib: the ``[examples]`` extra). ``docs/tms.png`` is this
+  picture; docs/benchmarks.md gives the measured steps and levels.
 
 Outputs: TensorBoard logs under ``--log-dir`` (``tensorboard --logdir runs``), ``<log dir>/tms.png``, a table of
 estimates on stdout.

@@ -84,10 +84,11 @@ def test_the_step_adapted_at_a_random_initialisation_is_not_kept(tmp_path):
 
 
 def test_a_plan_the_budget_cannot_afford_is_announced_once(tmp_path):
-    monitor = LLCMonitor(max_overhead=0.001)
+    module = CountedWork()
+    monitor = LLCMonitor(max_overhead=0.001, clock=module.clock)
     pl.seed_everything(0)
     trainer = make_trainer(tmp_path, [monitor], max_steps=300)
     with pytest.warns(LLCEstimateWarning, match="affords about") as caught:
-        trainer.fit(AtMinimum(), regression_loader())
+        trainer.fit(module, regression_loader())
     assert len([w for w in caught if "affords about" in str(w.message)]) == 1
     assert 1 <= len(monitor.history) < 20

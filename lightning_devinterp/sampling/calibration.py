@@ -84,7 +84,17 @@ class CalibrationResult:
     seconds: float
 
     def plot(self, path: str | Path) -> Path:
-        """Save λ̂ ± std and the MALA acceptance against epsilon (log scale), the choice marked. Needs matplotlib."""
+        """Save λ̂ (± its standard error) and the MALA acceptance against epsilon (log scale), the choice marked.
+
+        Args:
+            path: the PNG to write.
+
+        Returns:
+            The path written.
+
+        Raises:
+            ImportError: matplotlib is not installed.
+        """
         plt = pyplot()
         figure, (llc_axis, acceptance_axis) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
         for nbeta in sorted({row["nbeta"] for row in self.table}):
@@ -93,7 +103,7 @@ class CalibrationResult:
             llc_axis.errorbar(
                 epsilons,
                 [r["llc_mean"] for r in rows],
-                yerr=[r["llc_std"] for r in rows],
+                yerr=[r["llc_stderr"] for r in rows],
                 marker="o",
                 label=f"nβ = {nbeta:.4g}",
             )
@@ -121,6 +131,7 @@ def _row(epsilon: float, nbeta: float, result: LLCResult | None, note: str = "")
             "ran": note == "all chains diverged",
             "llc_mean": math.nan,
             "llc_std": math.nan,
+            "llc_stderr": math.nan,
             "acceptance": math.nan,
             "diverged": True,
             "healthy": False,
@@ -133,6 +144,7 @@ def _row(epsilon: float, nbeta: float, result: LLCResult | None, note: str = "")
         "ran": True,
         "llc_mean": result.llc_mean,
         "llc_std": result.llc_std,
+        "llc_stderr": result.llc_stderr,
         "acceptance": result.acceptance_mean,
         "diverged": bool(result.failed_chains),
         "healthy": result.healthy,
@@ -144,8 +156,7 @@ def _row(epsilon: float, nbeta: float, result: LLCResult | None, note: str = "")
 def _agree(coarse: LLCResult, fine: LLCResult) -> bool:
     """λ̂ barely moves between neighbouring step sizes: within STABLE_RELATIVE of the finer value or two standard errors."""
     standard_error = math.sqrt(
-        (coarse.llc_std**2 / max(coarse.num_chains_used, 1) if math.isfinite(coarse.llc_std) else 0.0)
-        + (fine.llc_std**2 / max(fine.num_chains_used, 1) if math.isfinite(fine.llc_std) else 0.0)
+        sum(result.llc_stderr**2 for result in (coarse, fine) if math.isfinite(result.llc_stderr))
     )
     return abs(coarse.llc_mean - fine.llc_mean) <= max(STABLE_RELATIVE * abs(fine.llc_mean), 2.0 * standard_error)
 

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from lightning_devinterp._rng import preserved_rng_states
 from lightning_devinterp.sampling.adaptation import (
@@ -45,7 +45,7 @@ from lightning_devinterp.sampling.config import Epsilon, SamplingConfig
 from lightning_devinterp.sampling.data import MinibatchSource
 from lightning_devinterp.sampling.kernels import SGLD, Kernel, Params, make_kernel, mala_log_acceptance
 from lightning_devinterp.sampling.model_view import FunctionalLoss, LossFn, quiet_evaluation
-from lightning_devinterp.sampling.observables import Draw, MinibatchLoss, Observable
+from lightning_devinterp.sampling.observables import AnchorLoss, Draw, MinibatchLoss, Observable
 from lightning_devinterp.sampling.params import resolve_groups, select_parameter_names
 
 log = logging.getLogger(__name__)
@@ -151,6 +151,27 @@ def mean_init_loss(loss: FunctionalLoss, source: MinibatchSource, chunk_size: in
     return total / count
 
 
+def mean_init_gradient(loss: FunctionalLoss, source: MinibatchSource, chunk_size: int) -> Params:
+    """∇L(w*): the gradient of the loss over the same data as :func:`mean_init_loss`, at w*.
+
+    Args:
+        loss: the loss at any parameters; differentiated at its anchor, w*.
+        source: the data.
+        chunk_size: samples per forward and backward pass.
+    """
+    leaves = {name: w.detach().requires_grad_(True) for name, w in loss.anchor.items()}
+    total = {name: torch.zeros_like(w) for name, w in loss.anchor.items()}
+    count = 0
+    with torch.enable_grad():
+        for batch, size in source.init_loss_batches(chunk_size):
+            grads = torch.autograd.grad(loss(leaves, batch) * size, list(leaves.values()), allow_unused=True)
+            for name, g in zip(leaves, grads):
+                if g is not None:
+                    total[name] += g.detach()
+            count += size
+    return {name: g / count for name, g in total.items()}
+
+
 ChainLosses = Callable[[Params, Any], Tensor]
 """Maps stacked parameters ``[num_chains, ...]`` and stacked batches to the chains' losses ``[num_chains]``."""
 
@@ -159,6 +180,22 @@ def _vectorized(loss: FunctionalLoss, compile: bool) -> ChainLosses:
     """All chains in one ``vmap``-ed forward pass (compiled with ``torch.compile`` if asked)."""
     batched = vmap(loss)
     return torch.compile(batched, dynamic=False) if compile else batched
+
+
+def _anchor_losses(loss: FunctionalLoss, vectorized: bool) -> Callable[[Any], Tensor]:
+    """The loss at w* on each chain's batch, ``[num_chains]``, without gradients: one vmapped forward pass whose
+    parameters are shared by the chains (so a linear layer is one matrix product over all their batches), or a loop.
+    """
+    shared = vmap(loss, in_dims=(None, 0))
+
+    def anchor_losses(batch: Any) -> Tensor:
+        with torch.no_grad():
+            if vectorized:
+                return shared(loss.anchor, batch)
+            count = len(tree_flatten(batch)[0][0])
+            return torch.stack([loss(loss.anchor, tree_map(operator.itemgetter(c), batch)) for c in range(count)])
+
+    return anchor_losses
 
 
 def _sequential(loss: FunctionalLoss, num_chains: int) -> ChainLosses:
@@ -536,7 +573,15 @@ def _sample(
             if not adapting:
                 failed_at = torch.where((failed_at < 0) & ~torch.isfinite(values), step, failed_at)
             if step >= burnin and (step - burnin) % every == 0:
-                draw = Draw((step - burnin) // every, step, chains.position, values, batch, chains.chain_losses)
+                draw = Draw(
+                    (step - burnin) // every,
+                    step,
+                    chains.position,
+                    values,
+                    batch,
+                    chains.chain_losses,
+                    _anchor_losses(chains.loss, chains.vectorized),
+                )
                 for observable in observables:
                     traces[observable.name].append(observable.observe(draw))
             check = adapting or (step >= burnin and (step - burnin) % ACCEPTANCE_EVERY == 0)
@@ -584,6 +629,15 @@ def _sample(
     return _Traces(stacked, failed_at, acceptance, chains.vectorized, chains.kernel.epsilon, chains.offsets())
 
 
+def draw_losses(config: SamplingConfig) -> list[Observable]:
+    """What every draw records for λ̂: its minibatch loss and, with ``config.paired``, the same batch's loss at w*.
+
+    Args:
+        config: the sampling settings.
+    """
+    return [MinibatchLoss(), AnchorLoss()] if config.paired else [MinibatchLoss()]
+
+
 def run_chains(
     model: nn.Module,
     loss_fn: LossFn,
@@ -600,7 +654,8 @@ def run_chains(
 ) -> ChainRun:
     """Sample chains from the model's current parameters w*, leaving the model and the global RNGs as they were.
 
-    The minibatch loss is always observed (as ``"loss"``), before ``observables``. With ``config.chain_batch``, the
+    The minibatch loss is always observed (as ``"loss"``) and, with ``config.paired``, the loss at w* on the same
+    batch (as ``"anchor_loss"``), before ``observables``. With ``config.chain_batch``, the
     chains run ``chain_batch`` (per group) at a time; each batch draws from generators seeded from ``seed`` and its
     index (the first batch from ``seed`` itself), and with ``epsilon="adaptive"`` only the first batch adapts: the
     others use its step.
@@ -635,6 +690,8 @@ def run_chains(
     with preserved_rng_states(), quiet_evaluation(model), forward_context():
         loss = FunctionalLoss(model, loss_fn, sampled_names, source.device)
         init_loss = mean_init_loss(loss, source, chunk_size=source.batch_size * num_chains)
+        if config.tilted:
+            loss.tilt = mean_init_gradient(loss, source, chunk_size=source.batch_size * num_chains)
         total = len(groups) * num_chains
         if start_offsets is not None and (
             set(start_offsets) != set(loss.anchor)
@@ -666,7 +723,11 @@ def run_chains(
             with attention_backends(chains.vectorized):
                 pieces.append(
                     _sample(
-                        chains, [MinibatchLoss(), *observables], config=piece_config, average=average, full_chains=count
+                        chains,
+                        [*draw_losses(config), *observables],
+                        config=piece_config,
+                        average=average,
+                        full_chains=count,
                     )
                 )
             epsilon = pieces[0].epsilon

@@ -76,6 +76,12 @@ class SamplingConfig:
             the helpers in lightning_devinterp.sampling.params, {parameter name: element mask}.
         chain_batch: run the chains this many at a time (per group), to bound memory; None runs them all at once.
         compile: compile the vectorized forward and backward with torch.compile (a slower first call).
+        paired: score each draw against the same minibatch's loss at w*, L_B(w_t) − L_B(w*), which cancels the
+            minibatch noise (one extra forward pass per draw, without gradients); False scores it against the loss
+            over the whole data, L_B(w_t) − L(w*). Both estimate the same λ.
+        tilted: sample and score the loss tilted by its gradient at w*, L(w) − ∇L(w*)·(w − w*), of which w* is a
+            critical point: λ̂ then leaves out the drift down the gradient that the localization holds back, which
+            dominates at weights far from a minimum (docs/choosing-settings.md). One pass over the data per estimate.
     """
 
     num_chains: int | None = None
@@ -95,6 +101,8 @@ class SamplingConfig:
     param_groups: dict[str, str | list[str] | dict[str, Any]] | None = None
     chain_batch: int | None = None
     compile: bool = False
+    paired: bool = True
+    tilted: bool = False
 
     def __post_init__(self) -> None:
         for name in ("num_chains", "num_draws", "num_burnin_steps"):
@@ -105,8 +113,9 @@ class SamplingConfig:
         check_count("max_samples", self.max_samples, 1)
         if self.chain_batch is not None:
             check_count("chain_batch", self.chain_batch, 1)
-        if not isinstance(self.compile, bool):
-            raise ValueError(f"compile must be True or False, got {self.compile!r}.")
+        for flag in ("compile", "paired", "tilted"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}.")
         if self.param_groups is not None and (not isinstance(self.param_groups, dict) or not self.param_groups):
             raise ValueError(
                 f"param_groups must be a non-empty dict of group names to parameter patterns, got {self.param_groups!r}."

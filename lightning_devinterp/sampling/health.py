@@ -53,7 +53,7 @@ def _describe_step(step: int, num_burnin_steps: int, num_steps_bw_draws: int) ->
 
 
 def diagnose(
-    draws: Tensor,
+    increases: Tensor,
     init_loss: float,
     llc_mean: float,
     failures: dict[int, int],
@@ -69,8 +69,9 @@ def diagnose(
     chain's draws and judges the change against its spread across chains, so it needs two surviving chains.
 
     Args:
-        draws: the draws' losses, ``[num_chains, num_draws]``.
-        init_loss: L(w*).
+        increases: each draw's loss minus the loss at w* (on the same minibatch when draws are paired, else L(w*) over
+            the data), ``[num_chains, num_draws]``.
+        init_loss: L(w*), for the messages.
         llc_mean: the estimate.
         failures: the first failing step of each diverged chain (:func:`first_failures`).
         acceptance: each chain's mean MALA acceptance.
@@ -84,15 +85,15 @@ def diagnose(
             f"chain {chain} diverged at {_describe_step(step, num_burnin_steps, num_steps_bw_draws)} (loss became NaN/Inf) "
             f"and was excluded; try a smaller epsilon than {epsilon:g}."
         )
-    alive = [chain for chain in range(draws.shape[0]) if chain not in failures]
+    alive = [chain for chain in range(increases.shape[0]) if chain not in failures]
     if not alive:
         return findings
-    good = draws[alive].double()
-    share_below = float((good < init_loss).double().mean())
+    good = increases[alive].double()
+    share_below = float((good < 0).double().mean())
     if share_below > MAX_SHARE_BELOW_INIT:
         findings.append(
-            f"{share_below:.0%} of the draws lie below L(w*) = {init_loss:.4g}: w* is not a local minimum of the loss "
-            "(the sampler keeps descending); train longer, increase gamma, or decrease epsilon."
+            f"{share_below:.0%} of the draws lie below the loss at w* (L(w*) = {init_loss:.4g}): w* is not a local "
+            "minimum of the loss (the sampler keeps descending); train longer, increase gamma, or decrease epsilon."
         )
     mean_acceptance = float(acceptance.nanmean())
     if mean_acceptance < MIN_ACCEPTANCE:
@@ -109,7 +110,7 @@ def diagnose(
     if quarter >= 1 and len(alive) > 1:
         change = good[:, -quarter:].mean(dim=1) - good[:, :quarter].mean(dim=1)
         mean_change = float(change.mean())
-        elevation = abs(float(good.mean()) - init_loss)
+        elevation = abs(float(good.mean()))
         standard_error = float(change.std()) / math.sqrt(len(alive))
         if abs(mean_change) > max(drift_threshold(len(alive)) * standard_error, DRIFT_RELATIVE * elevation):
             findings.append(

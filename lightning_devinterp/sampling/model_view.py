@@ -184,7 +184,9 @@ class FunctionalLoss:
     """``loss(sampled, batch)``: the mean minibatch loss with the sampled parameters swapped in.
 
     Parameters that are not sampled and all buffers are detached copies taken at construction (w*), passed as
-    ``constants``, so in-place buffer updates inside the forward never reach the model.
+    ``constants``, so in-place buffer updates inside the forward never reach the model. With a ``tilt`` (the loss's
+    gradient at w*, set after construction), the loss is tilted by it: ``L(w) − tilt·(w − w*)``, of which w* is a
+    critical point.
 
     Args:
         model: the model at w*.
@@ -200,8 +202,11 @@ class FunctionalLoss:
         self.anchor = {name: tensors[name].detach().to(device, copy=True) for name in sampled_names}
         self.constants = {name: t.detach().to(device, copy=True) for name, t in tensors.items() if name not in sampled}
         self.constants.update({name: b.detach().to(device, copy=True) for name, b in model.named_buffers()})
+        self.tilt: dict[str, Tensor] | None = None
 
     def __call__(self, sampled: dict[str, Tensor], batch: Any) -> Tensor:
         tensors = {f"model.{name}": w for name, w in {**sampled, **self.constants}.items()}
         loss: Tensor = functional_call(self._module, tensors, (batch,))
+        if self.tilt is not None:
+            loss = loss - sum((g * (sampled[name] - self.anchor[name])).sum() for name, g in self.tilt.items())
         return loss

@@ -23,7 +23,8 @@ class Draw:
 
     ``position`` holds the chains' sampled parameters ``[num_chains, ...]``; ``losses`` their minibatch losses
     ``[num_chains]`` on ``batch`` (leaves ``[num_chains, batch_size, ...]``); ``chain_losses(position, batch)``
-    evaluates the model for every chain at any parameters and batch (no grad unless enabled by the caller).
+    evaluates the model for every chain at any parameters and batch (no grad unless enabled by the caller), and
+    ``anchor_losses(batch)`` the loss at w* on each chain's batch (no grad).
     """
 
     index: int
@@ -32,6 +33,7 @@ class Draw:
     losses: Tensor
     batch: Any
     chain_losses: Callable[[Params, Any], Tensor]
+    anchor_losses: Callable[[Any], Tensor]
 
 
 class Observable(Protocol):
@@ -44,9 +46,21 @@ class Observable(Protocol):
 
 
 class MinibatchLoss:
-    """The chains' minibatch loss at each draw: the LLC's observable, ``λ̂ = nβ (mean − L(w*))``."""
+    """The chains' minibatch loss at each draw, L_B(w_t): the LLC's observable."""
 
     name = "loss"
 
     def observe(self, draw: Draw) -> Tensor:
         return draw.losses
+
+
+class AnchorLoss:
+    """The loss at w* on the same minibatch as each draw, L_B(w*): with it, each draw is scored as the paired
+    difference L_B(w_t) − L_B(w*), whose expectation is that of L_B(w_t) − L(w*) but whose minibatch noise cancels
+    (a control variate; docs/mathematics.md).
+    """
+
+    name = "anchor_loss"
+
+    def observe(self, draw: Draw) -> Tensor:
+        return draw.anchor_losses(draw.batch)

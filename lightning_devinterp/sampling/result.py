@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +12,7 @@ from torch import Tensor
 from lightning_devinterp.sampling.chains import ChainRun
 from lightning_devinterp.sampling.config import SamplingConfig
 from lightning_devinterp.sampling.health import diagnose, first_failures
+from lightning_devinterp.sampling.uncertainty import MeanError, mean_error
 
 
 class LLCEstimationError(RuntimeError):
@@ -19,15 +21,21 @@ class LLCEstimationError(RuntimeError):
 
 @dataclass(frozen=True)
 class LLCResult:
-    """One LLC estimate: ``llc = nbeta * (mean of the draws - L(w*))`` per chain, then mean and std over chains.
+    """One LLC estimate, with its uncertainty and health findings.
 
-    Chains that diverged are excluded from ``llc_mean``/``llc_std`` and hold NaN in ``llc_per_chain`` and
-    ``acceptance``; ``loss_trace`` holds NaN from the draw where they failed. ``llc_std`` is NaN with fewer than two
-    chains left. ``acceptance`` is each chain's mean MALA acceptance probability of its SGLD proposals.
-    ``calibration`` is the :class:`~lightning_devinterp.CalibrationResult` behind ``epsilon="auto"``, else None.
-    ``observations`` holds the traces ``[num_chains, num_draws, ...]`` of any extra observables passed in.
-    ``groups`` holds, with ``param_groups``, the restricted LLC of each named group (an ``LLCResult`` each, from
-    chains of its own sampled in the same pass; the others frozen at w*).
+    Each chain's λ̂ is ``nbeta`` times the mean increase of its draws' losses over the loss at w*: with ``paired``
+    draws (the default) the increase of each draw over the same minibatch's loss at w*, L_B(w_t) − L_B(w*), else over
+    L(w*) on the whole data. ``llc_mean`` is the mean over chains; ``llc_std`` the spread of the per-chain values
+    (ddof 1); ``llc_stderr`` the standard error of ``llc_mean`` from all the draws and their autocorrelation
+    (:mod:`~lightning_devinterp.sampling.uncertainty`), and ``llc_interval`` a 90% interval for it.
+
+    Chains that diverged are excluded and hold NaN in ``llc_per_chain`` and ``acceptance``; ``loss_trace`` (and
+    ``anchor_loss_trace``) hold NaN from the draw where they failed. ``acceptance`` is each chain's mean MALA
+    acceptance probability of its SGLD proposals. ``calibration`` is the :class:`~lightning_devinterp.CalibrationResult`
+    behind ``epsilon="auto"``, else None. ``observations`` holds the traces ``[num_chains, num_draws, ...]`` of any
+    extra observables passed in. ``tilted`` says whether the loss was tilted by its gradient at w*
+    (:class:`~lightning_devinterp.SamplingConfig`). ``groups`` holds, with ``param_groups``, the restricted LLC of each named group (an
+    ``LLCResult`` each, from chains of its own sampled in the same pass; the others frozen at w*).
     """
 
     llc_mean: float
@@ -48,6 +56,21 @@ class LLCResult:
     calibration: Any = None
     observations: dict[str, Tensor] = field(default_factory=dict)
     groups: dict[str, LLCResult] = field(default_factory=dict)
+    llc_stderr: float = math.nan
+    effective_draws: float = math.nan
+    anchor_loss_trace: Tensor | None = None
+    tilted: bool = False
+
+    @property
+    def paired(self) -> bool:
+        """Whether each draw was scored against the same minibatch's loss at w*."""
+        return self.anchor_loss_trace is not None
+
+    @property
+    def llc_interval(self) -> tuple[float, float]:
+        """A 90% interval for λ̂: ``llc_mean`` ± a Student-t quantile times ``llc_stderr``."""
+        half = MeanError(self.llc_stderr, self.effective_draws).half_width()
+        return self.llc_mean - half, self.llc_mean + half
 
     @property
     def acceptance_mean(self) -> float:
@@ -83,11 +106,16 @@ def _summarize_group(run: ChainRun, config: SamplingConfig, group: int) -> LLCRe
     assert config.num_burnin_steps is not None
     failures = first_failures(run.failed_at[group])
     draws = run.observations["loss"][group].clone()
+    anchors = run.observations["anchor_loss"][group].clone() if "anchor_loss" in run.observations else None
     num_chains, num_draws = draws.shape
     draw_steps = [config.num_burnin_steps + index * config.num_steps_bw_draws for index in range(num_draws)]
     for chain, step in failures.items():
-        draws[chain, [index for index, draw_step in enumerate(draw_steps) if draw_step >= step]] = float("nan")
-    llc_per_chain = run.nbeta * (draws.mean(dim=1) - run.init_loss)
+        failed = [index for index, draw_step in enumerate(draw_steps) if draw_step >= step]
+        draws[chain, failed] = float("nan")
+        if anchors is not None:
+            anchors[chain, failed] = float("nan")
+    increases = draws - (anchors if anchors is not None else run.init_loss)
+    llc_per_chain = run.nbeta * increases.mean(dim=1)
     alive = [chain for chain in range(num_chains) if chain not in failures]
     if not alive:
         where = "" if group == 0 else f" of group {run.groups[group]!r}"
@@ -97,10 +125,11 @@ def _summarize_group(run: ChainRun, config: SamplingConfig, group: int) -> LLCRe
         )
     llc_mean = float(llc_per_chain[alive].mean())
     llc_std = float(llc_per_chain[alive].std()) if len(alive) > 1 else float("nan")
+    error = mean_error(increases[alive])
     acceptance = run.acceptance[group].clone()
     acceptance[list(failures)] = float("nan")
     findings = diagnose(
-        draws,
+        increases,
         run.init_loss,
         llc_mean,
         failures,
@@ -125,5 +154,11 @@ def _summarize_group(run: ChainRun, config: SamplingConfig, group: int) -> LLCRe
         num_samples=run.num_samples,
         seed=run.seed,
         vectorized=run.vectorized,
-        observations={name: trace[group] for name, trace in run.observations.items() if name != "loss"},
+        observations={
+            name: trace[group] for name, trace in run.observations.items() if name not in ("loss", "anchor_loss")
+        },
+        llc_stderr=run.nbeta * error.standard_error,
+        effective_draws=error.effective_draws,
+        anchor_loss_trace=anchors.float() if anchors is not None else None,
+        tilted=config.tilted,
     )

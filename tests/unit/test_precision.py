@@ -1,0 +1,116 @@
+"""Precision of one estimate: paired draws cancel the minibatch noise, the standard error is honest, the interval
+covers, and the tilted loss makes a point that is no minimum measure as one would (docs/mathematics.md)."""
+
+import math
+import statistics
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from lightning_devinterp import estimate_llc
+from lightning_devinterp.sampling.uncertainty import mean_error, student_t_quantile
+from lightning_devinterp.theory import quadratic_sgld_llc
+from tests.helpers.models import Potential, gaussian_nll
+
+NO_DATA = TensorDataset(torch.zeros(64, 1))
+
+
+def noisy_regression(n=2000, seed=0):
+    """Linear regression with heavy label noise, at its least-squares fit: each minibatch's loss at w* is far from
+    L(w*), while the loss increase of a draw over the same batch is small."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=generator)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5], [0.0]]) + 3.0 * torch.randn(n, 1, generator=generator)
+    model = nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.linalg.lstsq(x, y).solution.T)
+    return model, TensorDataset(x, y)
+
+
+def test_paired_draws_follow_the_same_chains_and_cancel_the_minibatch_noise():
+    model, data = noisy_regression()
+    settings = dict(batch_size=32, num_chains=4, num_draws=40, num_burnin_steps=200, epsilon=1e-4, gamma=100.0)
+    paired = [estimate_llc(model, data, gaussian_nll, seed=seed, **settings) for seed in range(8)]
+    plain = [estimate_llc(model, data, gaussian_nll, seed=seed, paired=False, **settings) for seed in range(8)]
+    assert torch.equal(paired[0].loss_trace, plain[0].loss_trace)  # scoring draws no randomness of its own
+    assert paired[0].paired and not plain[0].paired and plain[0].anchor_loss_trace is None
+    spread_paired = statistics.stdev(r.llc_mean for r in paired)
+    spread_plain = statistics.stdev(r.llc_mean for r in plain)
+    assert spread_paired < 0.25 * spread_plain
+    # Same draws, two scores: they differ by nβ times how far the batches' loss at w* strayed from L(w*), whose
+    # expectation is zero, so both estimate the same λ.
+    for a, b in zip(paired, plain):
+        strayed = a.nbeta * (float(a.anchor_loss_trace.double().mean()) - a.init_loss)
+        assert b.llc_mean - a.llc_mean == pytest.approx(strayed, rel=1e-4, abs=1e-3)
+
+
+def test_the_standard_error_is_the_spread_of_repeated_estimates_and_the_interval_covers():
+    """On L = ½ Σ h w² the chain is exact and its draws autocorrelated (AR(1) per coordinate): the reported standard
+    error must match the spread of estimates over seeds, and 90% intervals cover the exact value about 90% of the
+    time."""
+    curvature = torch.tensor([1.0, 2.0, 4.0])
+    settings = dict(
+        batch_size=8, nbeta=100.0, gamma=10.0, epsilon=2e-3, num_chains=4, num_draws=150, num_burnin_steps=300
+    )
+    results = [
+        estimate_llc(Potential(3), NO_DATA, lambda m, b: 0.5 * (curvature * m.w**2).sum(), seed=seed, **settings)
+        for seed in range(40)
+    ]
+    exact = quadratic_sgld_llc([1.0, 2.0, 4.0], 100.0, 10.0, 2e-3)
+    spread = statistics.stdev(r.llc_mean for r in results)
+    reported = statistics.mean(r.llc_stderr for r in results)
+    assert 0.7 < reported / spread < 1.4
+    covered = sum(r.llc_interval[0] <= exact <= r.llc_interval[1] for r in results) / len(results)
+    assert 0.75 <= covered <= 1.0
+    assert all(r.llc_std / math.sqrt(4) < r.llc_stderr * 3 for r in results)
+
+
+@settings(max_examples=20, deadline=None)
+@given(phi=st.floats(0.0, 0.95), seed=st.integers(0, 1000))
+def test_the_effective_sample_size_of_an_autoregressive_series(phi, seed):
+    """AR(1) with coefficient phi has integrated autocorrelation time (1 + phi) / (1 - phi)."""
+    generator = torch.Generator().manual_seed(seed)
+    chains, length = 4, 4000
+    noise = torch.randn(chains, length, generator=generator, dtype=torch.float64)
+    series = torch.zeros_like(noise)
+    series[:, 0] = noise[:, 0] / math.sqrt(1 - phi**2)
+    for t in range(1, length):
+        series[:, t] = phi * series[:, t - 1] + noise[:, t]
+    expected = chains * length * (1 - phi) / (1 + phi)
+    assert mean_error(series).effective_draws == pytest.approx(expected, rel=0.3)
+
+
+def test_a_trend_within_the_chains_lowers_the_effective_sample_size():
+    generator = torch.Generator().manual_seed(0)
+    flat = torch.randn(4, 200, generator=generator, dtype=torch.float64)
+    trending = flat + torch.linspace(0, 3, 200, dtype=torch.float64)
+    assert mean_error(trending).standard_error > 2 * mean_error(flat).standard_error
+
+
+@pytest.mark.parametrize(
+    ("degrees", "quantile"), [(1, 6.314), (2, 2.920), (3, 2.353), (5, 2.015), (10, 1.812), (1e6, 1.645)]
+)
+def test_student_t_quantiles(degrees, quantile):
+    assert student_t_quantile(0.95, degrees) == pytest.approx(quantile, abs=0.01)
+
+
+def test_the_tilted_loss_measures_a_point_that_is_no_minimum_as_if_it_were_one():
+    """L = ½ Σ h (w − c)² at w* = 0 ≠ c: the plain estimate includes the drift down the gradient (negative here), the
+    tilted one is the exact SGLD expectation of a minimum with the same curvature."""
+    curvature, centre = torch.tensor([1.0, 2.0, 4.0]), torch.tensor([0.5, -0.3, 0.2])
+
+    def loss(model, batch):
+        return 0.5 * (curvature * (model.w - centre) ** 2).sum()
+
+    settings = dict(
+        batch_size=8, nbeta=100.0, gamma=10.0, epsilon=2e-3, num_chains=8, num_draws=1000, num_burnin_steps=300, seed=0
+    )
+    tilted = estimate_llc(Potential(3), NO_DATA, loss, tilted=True, **settings)
+    plain = estimate_llc(Potential(3), NO_DATA, loss, **settings)
+    exact = quadratic_sgld_llc([1.0, 2.0, 4.0], 100.0, 10.0, 2e-3)
+    assert tilted.tilted and tilted.llc_mean == pytest.approx(exact, rel=0.05)
+    assert plain.llc_mean < 0 < exact

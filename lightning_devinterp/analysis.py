@@ -28,6 +28,9 @@ RESULT_COLUMNS = [
     "checkpoint",
     "llc_mean",
     "llc_std",
+    "llc_stderr",
+    "llc_lower",
+    "llc_upper",
     "init_loss",
     "acceptance",
     "epsilon",
@@ -152,6 +155,9 @@ def analyze(
                     "checkpoint": str(path),
                     "llc_mean": result.llc_mean,
                     "llc_std": result.llc_std,
+                    "llc_stderr": result.llc_stderr,
+                    "llc_lower": result.llc_interval[0],
+                    "llc_upper": result.llc_interval[1],
                     "init_loss": result.init_loss,
                     "acceptance": result.acceptance_mean,
                     "epsilon": result.epsilon,
@@ -185,7 +191,12 @@ def _as_scalars(rows: list[dict[str, Any]], transitions: list[Transition], group
     def column(name: str) -> list[tuple[int, float]]:
         return [(int(row["step"]), float(row[name])) for row in rows]
 
-    scalars = {names.LLC_MEAN: column("llc_mean"), names.LLC_STD: column("llc_std"), "init_loss": column("init_loss")}
+    scalars = {
+        names.LLC_MEAN: column("llc_mean"),
+        names.LLC_LOWER: column("llc_lower"),
+        names.LLC_UPPER: column("llc_upper"),
+        "init_loss": column("init_loss"),
+    }
     for group in groups:
         scalars[names.group_metric(group, "mean")] = column(f"{group}_llc_mean")
     for transition in transitions:

@@ -212,8 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True)
     plot = verbs.add_parser(
         "plot",
-        help="draw λ̂ ± std and the training loss from TensorBoard logs, with transitions marked",
-        description="Read the TensorBoard event files under LOGDIR (one panel per run that has llc/mean) and draw λ̂ ± std "
+        help="draw λ̂ with its 90% interval and the training loss from TensorBoard logs, with transitions marked",
+        description="Read the TensorBoard event files under LOGDIR (one panel per run that has llc/mean) and draw λ̂ with its 90% interval "
         "with the training loss on a twin axis and transitions as vertical lines.",
     )
     plot.add_argument("logdir", help="a TensorBoard log directory (searched recursively for runs)")

@@ -13,8 +13,15 @@ PREFIX = "llc/"
 
 LLC_MEAN = "llc/mean"
 LLC_STD = "llc/std"
+"""The spread of the per-chain values (not the error of their mean: see :data:`LLC_STDERR`)."""
+
+LLC_STDERR = "llc/stderr"
+"""The standard error of λ̂, from all the draws and their autocorrelation."""
+
 LLC_LOWER = "llc/lower"
 LLC_UPPER = "llc/upper"
+"""The ends of a 90% interval for λ̂."""
+
 LLC_INIT_LOSS = "llc/init_loss"
 LLC_NBETA = "llc/nbeta"
 LLC_EPSILON = "llc/epsilon"

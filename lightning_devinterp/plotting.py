@@ -98,11 +98,11 @@ def _mark_transitions(axis: Any, scalars: Scalars) -> list[Any]:
 def _draw_llc(axis: Any, name: str, scalars: Scalars) -> list[Any]:
     steps, means = zip(*scalars[names.LLC_MEAN])
     handles: list[Any] = axis.plot(steps, means, color="tab:blue", marker=".", label="λ̂")
-    if names.LLC_STD in scalars:
-        stds = dict(scalars[names.LLC_STD])
-        lower = [m - stds.get(s, 0.0) for s, m in zip(steps, means)]
-        upper = [m + stds.get(s, 0.0) for s, m in zip(steps, means)]
-        axis.fill_between(steps, lower, upper, color="tab:blue", alpha=0.2)
+    if names.LLC_LOWER in scalars and names.LLC_UPPER in scalars:
+        lowest, highest = dict(scalars[names.LLC_LOWER]), dict(scalars[names.LLC_UPPER])
+        lower = [lowest.get(s, m) for s, m in zip(steps, means)]
+        upper = [highest.get(s, m) for s, m in zip(steps, means)]
+        axis.fill_between(steps, lower, upper, color="tab:blue", alpha=0.2, label="90% interval")
     axis.set_ylabel("λ̂", color="tab:blue")
     axis.set_title(name)
     loss_tag = _loss_tag(list(scalars))
@@ -128,7 +128,7 @@ def _draw_groups(axis: Any, name: str, scalars: Scalars, groups: list[str]) -> l
 def plot_runs(runs: dict[str, Scalars], output: str | Path, log_x: bool = False) -> Path:
     """Draw each run that has λ̂ into one PNG, a panel per run.
 
-    Each panel shows λ̂ ± std (left axis), the training loss (right axis, log scale), transition onsets as dashed red
+    Each panel shows λ̂ with its 90% interval (left axis), the training loss (right axis, log scale), transition onsets as dashed red
     lines and ends as dotted grey ones, with a legend. A run logged with ``param_groups`` gets a second panel: each
     group's λ̂ (``llc/<group>/mean``) beside the full model's.
 

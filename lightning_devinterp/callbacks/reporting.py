@@ -29,7 +29,7 @@ def _exactly(name: str) -> str:
 
 TENSORBOARD_LAYOUT = {
     "devinterp": {
-        "LLC (mean ± std over chains)": ["Margin", [names.LLC_MEAN, names.LLC_LOWER, names.LLC_UPPER]],
+        "LLC (mean, 90% interval)": ["Margin", [names.LLC_MEAN, names.LLC_LOWER, names.LLC_UPPER]],
         "LLC, transitions marked": ["Multiline", [_exactly(names.LLC_MEAN), _exactly(names.LLC_TRANSITIONS)]],
         "LLC by component (param_groups)": ["Multiline", [_exactly(names.LLC_MEAN), names.GROUP_MEAN.pattern]],
         "Training loss": ["Multiline", [r"^(train[_/-]?)?loss(_step|_epoch)?$"]],
@@ -152,8 +152,9 @@ def report_estimate(trainer: pl.Trainer, record: LLCRecord) -> None:
         {
             names.LLC_MEAN: record.llc_mean,
             names.LLC_STD: record.llc_std,
-            names.LLC_LOWER: record.llc_mean - record.llc_std,
-            names.LLC_UPPER: record.llc_mean + record.llc_std,
+            names.LLC_STDERR: result.llc_stderr,
+            names.LLC_LOWER: result.llc_interval[0],
+            names.LLC_UPPER: result.llc_interval[1],
             names.LLC_INIT_LOSS: result.init_loss,
             names.LLC_NBETA: result.nbeta,
             names.LLC_ACCEPTANCE: result.acceptance_mean,
@@ -163,7 +164,7 @@ def report_estimate(trainer: pl.Trainer, record: LLCRecord) -> None:
             **{
                 names.group_metric(name, field): value
                 for name, group in result.groups.items()
-                for field, value in (("mean", group.llc_mean), ("std", group.llc_std))
+                for field, value in (("mean", group.llc_mean), ("std", group.llc_std), ("stderr", group.llc_stderr))
             },
         },
         record.step,
@@ -178,10 +179,10 @@ def report_estimate(trainer: pl.Trainer, record: LLCRecord) -> None:
         trainer.progress_bar_metrics.pop("llc", None)
     if trainer.is_global_zero:
         log.info(
-            "step %d: llc = %.4g ± %.3g (%.2fs)%s",
+            "step %d: llc = %.4g ± %.3g (standard error; %.2fs)%s",
             record.step,
             record.llc_mean,
-            record.llc_std,
+            result.llc_stderr,
             record.seconds,
             "" if result.healthy else " [unhealthy: " + " ".join(result.warnings) + "]",
         )

@@ -64,6 +64,7 @@ def test_tensorboard_gets_every_estimate_at_its_step_and_the_layout(tmp_path):
     for key in (
         "llc/mean",
         "llc/std",
+        "llc/stderr",
         "llc/lower",
         "llc/upper",
         "llc/init_loss",
@@ -77,6 +78,10 @@ def test_tensorboard_gets_every_estimate_at_its_step_and_the_layout(tmp_path):
     assert steps == [0, 3, 6, 9, 10]
     values = [event.value for event in events.Scalars("llc/mean")]
     assert values == pytest.approx([r.llc_mean for r in monitor.history], rel=1e-6)
+    for end, index in (("lower", 0), ("upper", 1)):  # the band is the estimate's 90% interval
+        logged = [event.value for event in events.Scalars(f"llc/{end}")]
+        assert logged == pytest.approx([r.result.llc_interval[index] for r in monitor.history], rel=1e-5)
+    assert all(r.result.llc_interval[0] < r.llc_mean < r.result.llc_interval[1] for r in monitor.history)
     assert "custom_scalars__config__" in tags["tensors"]
     assert "devinterp/config/text_summary" in tags["tensors"]
     assert events.Scalars("llc/nbeta")[0].value == pytest.approx(256 / np.log(256), rel=1e-6)

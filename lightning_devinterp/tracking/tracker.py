@@ -193,7 +193,9 @@ class LLCTracker:
             return largest
         fixed = self._cost(dataclasses.replace(largest, num_burnin_steps=0, num_draws=0))
         per_step = (cost - fixed) / largest.num_steps  # type: ignore[operator]
-        steps = int((allowance - fixed) / per_step)  # type: ignore[operator]
+        # When the schedule thins the plan it grants exactly the smallest estimate's predicted cost: keep that
+        # affordable despite rounding.
+        steps = math.floor((allowance - fixed) / per_step + 1e-6)  # type: ignore[operator]
         burnin = configured.get(
             "num_burnin_steps", min(max(SMALLEST.num_burnin_steps, steps // 5), LARGEST.num_burnin_steps)
         )

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from lightning_devinterp import LLCResult, SamplingConfig, TransitionDetector
 from lightning_devinterp.detection.combined import TransitionEvidence
 from lightning_devinterp.tracking.schedule import EARLY_FRACTION, TARGET_ESTIMATES, EstimateSchedule, planned_steps
-from lightning_devinterp.tracking.tracker import LLCTracker
+from lightning_devinterp.tracking.tracker import SMALLEST, LLCTracker
 
 
 @settings(max_examples=50, deadline=None)
@@ -67,3 +67,14 @@ def test_a_change_of_step_size_starts_the_llc_series_over():
     assert evidence.llc.level == 5.0
     changed = tracker.record(500, dataclasses.replace(result, llc_mean=50.0, epsilon=1e-5), 0.1, epsilon_changed=True)
     assert tracker.detect(changed) is None and evidence.llc.level is None
+
+
+@pytest.mark.parametrize("costs", [(0.01, 0.001), (0.01, 0.0017), (0.0377, 0.0013), (0.05, 0.001)])
+def test_the_smallest_estimate_fits_the_allowance_of_exactly_its_cost(costs):
+    """When the schedule thins its plan (and early in training) it grants exactly the smallest estimate's predicted
+    cost; that estimate must then run, whatever the rounding of the costs."""
+    tracker = LLCTracker(SamplingConfig(), seed=0, evidence=TransitionEvidence(None, None))
+    tracker._costs[4] = costs  # seconds: fixed, per chain step
+    shape = tracker.shape_for(allowance=tracker.smallest_cost(), budgeted=True)
+    assert shape == SMALLEST
+    assert tracker.shape_for(allowance=0.99 * tracker.smallest_cost(), budgeted=True) is None

@@ -1,0 +1,364 @@
+"""How precise are the monitor's λ̂ points? LLCMonitor() with no arguments on ordinary runs, against long references.
+
+For each run (ordinary CPU runs nobody tuned the monitor for: classifiers trained towards zero loss, a regression, an
+MLP and a CNN on digits, an attention model, a staged deep linear network), the script
+
+1. trains once without the monitor and once with ``LLCMonitor()`` (same training seed, so the same weights), and
+   reports the wall-time overhead and the number of estimates;
+2. keeps the weights at every estimate in the second half of training, and estimates a long reference there at the
+   estimate's own settings (its step size, nβ, γ and batch size): two seeds of ``--reference-chains`` chains ×
+   ``--reference-draws`` draws after ``--reference-burnin`` burn-in steps, cold-started at w*;
+3. reports each point's relative error against its reference, whether the reported interval (``llc/lower`` to
+   ``llc/upper``) covers the reference, and, per run and over all runs, the median and 90th-percentile error and
+   the coverage.
+
+Seeds pick each run's data, initialisation and (for odd seeds) a wider network: seed 0 is what defaults are tuned
+on, seeds 1-2 are held out. Results are also written as JSON under ``benchmarks/precision_results/`` (ignored by git).
+
+    python -m benchmarks.precision [--runs moons cancer regression mlp cnn attention staged] [--seeds 0]
+    python -m benchmarks.precision --figure before after -o docs/precision.png   # two recorded labels, side by side
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from benchmarks.ordinary_runs import Classifier, SmallCNN, TinyTransformer, digits, sequences
+from lightning_devinterp import LLCMonitor, estimate_llc
+
+RESULTS = Path(__file__).resolve().parent / "precision_results"
+
+
+def two_moons(seed: int, n: int = 2000, noise: float = 0.15) -> TensorDataset:
+    generator = torch.Generator().manual_seed(seed)
+    angle = torch.rand(n, generator=generator) * math.pi
+    label = torch.randint(0, 2, (n,), generator=generator)
+    upper = torch.stack([torch.cos(angle), torch.sin(angle)], 1)
+    lower = torch.stack([1 - torch.cos(angle), 0.5 - torch.sin(angle)], 1)
+    x = torch.where(label[:, None] == 1, lower, upper) + noise * torch.randn(n, 2, generator=generator)
+    return TensorDataset(x, label)
+
+
+def breast_cancer(seed: int) -> TensorDataset:
+    from sklearn.datasets import load_breast_cancer
+
+    x, y = load_breast_cancer(return_X_y=True)
+    x = torch.tensor(x, dtype=torch.float32)
+    return TensorDataset((x - x.mean(0)) / x.std(0), torch.tensor(y))
+
+
+def regression_data(seed: int, n: int = 2000, features: int = 8) -> TensorDataset:
+    """A smooth nonlinear target with unit-variance noise, so the Gaussian NLL below is correctly scaled."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, features, generator=generator)
+    target = torch.sin(x[:, :1] * 2) + x[:, 1:2] * x[:, 2:3] + 0.5 * x[:, 3:4]
+    return TensorDataset(x, target + torch.randn(n, 1, generator=generator))
+
+
+class Regressor(pl.LightningModule):
+    """½ (y − f)² averaged over samples (unit noise variance); Adam."""
+
+    def __init__(self, net: nn.Module, lr: float = 1e-3) -> None:
+        super().__init__()
+        self.net, self.lr = net, lr
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        x, y = batch
+        loss = 0.5 * ((self.net(x) - y) ** 2).sum(-1).mean()
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+class StagedNetwork(pl.LightningModule):
+    """A deep linear network from a tiny initialisation, trained by SGD: it learns a rank-3 teacher mode by mode."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, width, bias=False), nn.Linear(width, 8, bias=False))
+        with torch.no_grad():
+            for layer in self.net:
+                layer.weight.normal_(0.0, 1e-5)
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        x, y = batch
+        loss = 0.5 * ((self.net(x) - y) ** 2).sum(-1).mean()
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=2.5e-3)
+
+
+def staged_data(seed: int) -> TensorDataset:
+    from examples.dln_stagewise import teacher_data
+
+    return teacher_data(seed=seed)
+
+
+def mlp(widths: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for a, b in zip(widths[:-1], widths[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One benchmark run, built from a seed (odd seeds take a wider network)."""
+
+    name: str
+    make_module: Callable[[int], pl.LightningModule]
+    make_data: Callable[[int], TensorDataset]
+    steps: int
+    batch_size: int
+
+
+def _wide(seed: int) -> int:
+    return 2 if seed % 2 else 1
+
+
+RUNS = {
+    "moons": Run(
+        "2-D classifier (two moons)",
+        lambda s: Classifier(mlp([2, 32 * _wide(s), 32 * _wide(s), 2])),
+        two_moons,
+        3000,
+        32,
+    ),
+    "cancer": Run(
+        "tabular classifier (breast cancer)",
+        lambda s: Classifier(mlp([30, 64 * _wide(s), 64 * _wide(s), 2])),
+        breast_cancer,
+        3000,
+        32,
+    ),
+    "regression": Run(
+        "regression (8 features)",
+        lambda s: Regressor(mlp([8, 64 * _wide(s), 64 * _wide(s), 1])),
+        regression_data,
+        3000,
+        32,
+    ),
+    "mlp": Run(
+        "MLP on digits",
+        lambda s: Classifier(mlp([64, 128 * _wide(s), 64 * _wide(s), 10])),
+        lambda s: digits(),
+        6000,
+        64,
+    ),
+    "cnn": Run("CNN on digits", lambda s: Classifier(SmallCNN()), lambda s: digits(), 4000, 64),
+    "attention": Run(
+        "2-block attention",
+        lambda s: Classifier(TinyTransformer(width=32 * _wide(s)), lr=3e-3),
+        lambda s: sequences(seed=s),
+        4000,
+        64,
+    ),
+    "staged": Run("staged deep linear network", lambda s: StagedNetwork(8 * _wide(s)), staged_data, 5000, 100),
+}
+
+
+class KeepLateWeights(pl.Callback):
+    """After each of the monitor's estimates in the second half of training, a copy of the weights it was taken at."""
+
+    def __init__(self, monitor: LLCMonitor, steps: int) -> None:
+        self.monitor, self.steps = monitor, steps
+        self.kept: dict[int, dict[str, torch.Tensor]] = {}
+
+    def _keep(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        history = self.monitor.history
+        if history and history[-1].step == trainer.global_step and trainer.global_step >= self.steps // 2:
+            self.kept.setdefault(trainer.global_step, copy.deepcopy(pl_module.state_dict()))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
+        self._keep(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:  # type: ignore[no-untyped-def]
+        self._keep(trainer, pl_module)
+
+
+def fit(
+    run: Run, seed: int, callbacks: list[pl.Callback], steps: int | None = None
+) -> tuple[pl.LightningModule, float]:
+    pl.seed_everything(seed, verbose=False)
+    module = run.make_module(seed)
+    trainer = pl.Trainer(
+        max_steps=steps or run.steps, callbacks=callbacks, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+    )  # fmt: skip
+    loader = DataLoader(run.make_data(seed), batch_size=run.batch_size, shuffle=True)
+    started = time.perf_counter()
+    trainer.fit(module, loader)
+    return module, time.perf_counter() - started
+
+
+def interval(result: Any, record: Any) -> tuple[float, float]:
+    """The interval the monitor logs as llc/lower and llc/upper (mean ± std over chains before it had one)."""
+    if hasattr(result, "llc_interval"):
+        return result.llc_interval
+    return record.llc_mean - record.llc_std, record.llc_mean + record.llc_std
+
+
+def reference(
+    run: Run, seed: int, weights: dict[str, torch.Tensor], result: Any, args: argparse.Namespace, **extra: Any
+) -> float:
+    module = run.make_module(seed)
+    module.load_state_dict(weights)
+    values = []
+    for reference_seed in range(2):
+        long = estimate_llc(
+            module, run.make_data(seed), batch_size=run.batch_size, epsilon=result.epsilon, nbeta=result.nbeta,
+            gamma=result.gamma, num_chains=args.reference_chains, num_draws=args.reference_draws,
+            num_burnin_steps=args.reference_burnin, seed=1000 + reference_seed, **extra,
+        )  # fmt: skip
+        values.append(long.llc_mean)
+    return statistics.mean(values)
+
+
+def movement(values: list[float]) -> float:
+    """The median change between consecutive values, relative to their mean magnitude: how much a series jumps."""
+    changes = [abs(b - a) / max((abs(a) + abs(b)) / 2, 1e-12) for a, b in zip(values, values[1:])]
+    return statistics.median(changes) if changes else math.nan
+
+
+def benchmark(key: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    run = RUNS[key]
+    fit(
+        run, seed, [LLCMonitor(**args.monitor)], steps=50
+    )  # warm-up: imports and first-call costs, outside the timed runs
+    _, plain = fit(run, seed, [])
+    monitor = LLCMonitor(**args.monitor)
+    keeper = KeepLateWeights(monitor, run.steps)
+    _, watched = fit(run, seed, [monitor, keeper])
+    points = []
+    records = {record.step: record for record in monitor.history}
+    for step, weights in sorted(keeper.kept.items())[-args.max_points :]:
+        record = records[step]
+        lower, upper = interval(record.result, record)
+        truth = reference(run, seed, weights, record.result, args)
+        tilted = reference(run, seed, weights, record.result, args, tilted=True) if args.tilted else math.nan
+        points.append(
+            {
+                "tilted_reference": tilted,
+                "step": step, "llc": record.llc_mean, "lower": lower, "upper": upper, "reference": truth,
+                "error": abs(record.llc_mean - truth) / abs(truth), "covered": lower <= truth <= upper,
+                "healthy": record.healthy, "chains": record.result.llc_per_chain.numel(),
+                "draws": record.result.loss_trace.shape[1], "epsilon": record.result.epsilon,
+            }
+        )  # fmt: skip
+    late = [r for r in monitor.history if r.step >= 0.1 * run.steps]
+    return {
+        "run": key, "seed": seed, "steps": run.steps, "plain_seconds": plain, "watched_seconds": watched,
+        "overhead": watched / plain - 1, "own": monitor.schedule.own_seconds / watched, "estimates": len(monitor.history),
+        "healthy_after_10pct": sum(r.healthy for r in late) / max(len(late), 1), "points": points,
+    }  # fmt: skip
+
+
+def summary(points: list[dict[str, Any]]) -> str:
+    if not points:
+        return "no points"
+    errors = sorted(point["error"] for point in points)
+    p90 = errors[min(len(errors) - 1, math.ceil(0.9 * len(errors)) - 1)]
+    covered = sum(point["covered"] for point in points) / len(points)
+    return f"median error {statistics.median(errors):.0%}, 90th percentile {p90:.0%}, coverage {covered:.0%} of {len(points)}"
+
+
+def figure(labels: list[str], path: str) -> None:
+    """Each recorded point's λ̂ and interval over its reference, one panel per label (e.g. before and after)."""
+    from lightning_devinterp.plotting import pyplot
+
+    plt = pyplot()
+    panels = [json.loads((RESULTS / f"{label}.json").read_text()) for label in labels]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.6), sharey=True, squeeze=False)
+    for ax, label, results in zip(axes[0], labels, panels):
+        position, ticks = 0, []
+        for result in results:
+            points = result["points"]
+            xs = list(range(position, position + len(points)))
+            ratio = [p["llc"] / p["reference"] for p in points]
+            below = [max(r - p["lower"] / p["reference"], 0.0) for r, p in zip(ratio, points)]
+            above = [max(p["upper"] / p["reference"] - r, 0.0) for r, p in zip(ratio, points)]
+            colors = ["tab:blue" if p["covered"] else "tab:red" for p in points]
+            ax.errorbar(xs, ratio, yerr=[below, above], fmt="none", ecolor=colors, elinewidth=1.2)
+            ax.scatter(xs, ratio, c=colors, s=14, zorder=3)
+            ticks.append((position + (len(points) - 1) / 2, result["run"]))
+            position += len(points) + 1
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.axhspan(0.9, 1.1, color="tab:green", alpha=0.12)
+        ax.set_xticks([t for t, _ in ticks], [name for _, name in ticks], rotation=30, fontsize=8)
+        ax.set_title(f"{label}: {summary([p for r in results for p in r['points']])}", fontsize=8)
+        ax.set_ylim(0, 2.5)
+    axes[0][0].set_ylabel("λ̂ / long reference (90% interval)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--max-points", type=int, default=6, help="late points per run that get a reference")
+    parser.add_argument("--reference-chains", type=int, default=4)
+    parser.add_argument("--reference-draws", type=int, default=2000)
+    parser.add_argument("--reference-burnin", type=int, default=500)
+    parser.add_argument("--label", default="run", help="name of the JSON file written under precision_results/")
+    parser.add_argument("--monitor", type=json.loads, default={}, help="LLCMonitor arguments, as JSON (default: none)")
+    parser.add_argument(
+        "--tilted",
+        action="store_true",
+        help="also a tilted reference at each point (tilted=True), and how much each kind moves",
+    )
+    parser.add_argument("--figure", nargs="+", metavar="LABEL", help="draw recorded labels side by side, run nothing")
+    parser.add_argument("-o", "--output", default="precision.png", help="where --figure writes")
+    args = parser.parse_args()
+    if args.figure:
+        figure(args.figure, args.output)
+        return
+    warnings.filterwarnings("ignore")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    results = []
+    for seed in args.seeds:
+        for key in args.runs:
+            result = benchmark(key, seed, args)
+            results.append(result)
+            errors = " ".join(
+                f"{p['step']}:{p['llc']:.3g}/{p['reference']:.3g}{'' if p['covered'] else '!'}"
+                for p in result["points"]
+            )
+            print(
+                f"{key:<10} seed {seed}: {result['estimates']:>3} estimates, overhead {result['overhead']:+.0%} "
+                f"(own {result['own']:.0%}), healthy {result['healthy_after_10pct']:.0%}; {summary(result['points'])}\n    {errors}"
+                + (
+                    f"\n    references move {movement([p['reference'] for p in result['points']]):.0%} between points, "
+                    f"tilted ones {movement([p['tilted_reference'] for p in result['points']]):.0%}"
+                    if args.tilted
+                    else ""
+                ),
+                flush=True,
+            )
+    print("all runs:", summary([point for result in results for point in result["points"]]))
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.label}.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

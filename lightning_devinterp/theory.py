@@ -50,12 +50,33 @@ def aoyagi_lambda(widths: list[int], rank: int) -> float:
     )
 
 
+def sgld_stationary_variance(curvature: float, nbeta: float, gamma: float, epsilon: float) -> float:
+    """The stationary variance of SGLD along a direction of curvature ``h`` of a quadratic loss:
+    ``1 / (a (1 − ε a / 4))`` with ``a = nβ h + γ`` (derived in docs/mathematics.md).
+
+    Args:
+        curvature: the curvature h of the loss along the direction.
+        nbeta: n times the inverse temperature.
+        gamma: the localization strength.
+        epsilon: the step size; 0 gives the continuous-time value.
+
+    Raises:
+        ValueError: the chain is unstable: ε (nβ h + γ) >= 4.
+    """
+    a = nbeta * curvature + gamma
+    if epsilon * a >= 4:
+        raise ValueError(
+            f"epsilon = {epsilon:g} is unstable for curvature {curvature:g}: need epsilon (nbeta h + gamma) < 4."
+        )
+    return 1.0 / (a * (1 - epsilon * a / 4))
+
+
 def quadratic_sgld_llc(curvatures: list[float], nbeta: float, gamma: float, epsilon: float) -> float:
     """The stationary expectation of λ̂ for SGLD on the quadratic loss L(w) = ½ Σ h_i w_i².
 
-    The chain is Gaussian there, and its stationary expectation (derived in docs/mathematics.md) is::
+    The chain is Gaussian there, with the variance of :func:`sgld_stationary_variance` along each direction, so::
 
-        Σ_i (nβ h_i / 2) / ((nβ h_i + γ) (1 − ε (nβ h_i + γ) / 4))
+        E[λ̂] = Σ_i (nβ h_i / 2) / ((nβ h_i + γ) (1 − ε (nβ h_i + γ) / 4))
 
     Args:
         curvatures: the h_i.
@@ -66,9 +87,4 @@ def quadratic_sgld_llc(curvatures: list[float], nbeta: float, gamma: float, epsi
     Raises:
         ValueError: the chain is unstable: ε (nβ h_i + γ) >= 4 for some i.
     """
-    for h in curvatures:
-        if epsilon * (nbeta * h + gamma) >= 4:
-            raise ValueError(
-                f"epsilon = {epsilon:g} is unstable for curvature {h:g}: need epsilon (nbeta h + gamma) < 4."
-            )
-    return sum((nbeta * h / 2) / ((nbeta * h + gamma) * (1 - epsilon * (nbeta * h + gamma) / 4)) for h in curvatures)
+    return sum(nbeta * h / 2 * sgld_stationary_variance(h, nbeta, gamma, epsilon) for h in curvatures)

@@ -112,6 +112,11 @@ class MinibatchSource:
             _check_tensor_leaves(self._cache)
             self._cache = tree_map(lambda t: t.to(device), self._cache)
 
+    @property
+    def cached(self) -> bool:
+        """Whether all the data is held in memory (collated once), rather than read item by item."""
+        return self._cache is not None
+
     def _read_iterable(self, loader: Any) -> Any:
         if not isinstance(loader, DataLoader):
             raise TypeError("an IterableDataset must be passed inside a DataLoader.")

@@ -17,6 +17,7 @@ from lightning_devinterp.sampling.inputs import prepare_estimate
 from lightning_devinterp.sampling.model_view import LossFn
 from lightning_devinterp.sampling.observables import Observable
 from lightning_devinterp.sampling.result import LLCEstimationError, LLCResult, summarize_chains
+from lightning_devinterp.sampling.susceptibility import PerSampleLossFn, ProbeSpec
 
 
 def estimate_llc(
@@ -27,6 +28,10 @@ def estimate_llc(
     seed: int | None = None,
     device: str | torch.device | None = None,
     observables: Sequence[Observable] = (),
+    probe: DataLoader | Dataset | None = None,
+    per_sample_loss_fn: PerSampleLossFn | None = None,
+    probe_labels: Sequence[Any] | torch.Tensor | None = None,
+    probe_every: int = 1,
     **settings: Any,
 ) -> LLCResult:
     """Estimate the local learning coefficient of ``model`` at its current parameters w* (Lau et al. 2023).
@@ -51,6 +56,15 @@ def estimate_llc(
         device: where chains run; defaults to the device of the model's first parameter.
         observables: extra draw-time quantities (:class:`~lightning_devinterp.sampling.observables.Observable`);
             their traces are in ``result.observations``.
+        probe: samples to attribute to; with ``per_sample_loss_fn``, ``result.susceptibility`` holds each sample's
+            susceptibility χ (and each group's, in ``result.groups``), read from the same draws
+            (:mod:`~lightning_devinterp.sampling.susceptibility`). A Dataset or DataLoader, read whole, in order.
+        per_sample_loss_fn: ``per_sample_loss_fn(model, batch) -> Tensor[batch]`` (or ``[batch, tokens]`` for a χ per
+            token): the loss of each probe sample, on the same scale as ``loss_fn``.
+        probe_labels: a label per probe sample (or per token); ``result.susceptibility_by_label`` then gives the mean
+            χ per label.
+        probe_every: read the probe at every ``probe_every``-th draw (a probe pass is one forward pass per probe
+            batch for all chains).
         **settings: the sampling settings of :class:`~lightning_devinterp.SamplingConfig` (``num_chains=4``,
             ``num_draws=200``, ``num_burnin_steps=100``, ``epsilon=1e-4``, ``gamma=100``, ``nbeta``,
             ``batch_size``, ``params``, ``sampler``, ``sampler_kwargs``, ``vectorize``, ...). ``epsilon="auto"`` lets
@@ -64,15 +78,21 @@ def estimate_llc(
     """
     check_setting_names(settings)
     config = SamplingConfig(**settings).with_defaults(**ESTIMATE_DEFAULTS)
+    spec = ProbeSpec.from_arguments(probe, per_sample_loss_fn, probe_labels, probe_every)
     loss_fn, source, seed = prepare_estimate(model, data, loss_fn, config, seed=seed, device=device)
+    if spec is not None:
+        observables = [*observables, spec.observable(model, source.device)]
     if config.epsilon == "auto":
         calibration, results = calibrate_on_source(model, loss_fn, source, config, seed=seed, observables=observables)
         if calibration.best is None:
             raise LLCEstimationError(calibration.message)
-        return dataclasses.replace(results[(calibration.best.epsilon, calibration.best.nbeta)], calibration=calibration)
+        chosen = results[(calibration.best.epsilon, calibration.best.nbeta)]
+        chosen = chosen if spec is None else chosen.with_probe_labels(spec.labels)
+        return dataclasses.replace(chosen, calibration=calibration)
     resolved = config.resolved(num_samples=source.dataset_size)
     assert resolved.num_chains is not None
     run = run_chains(
         model, loss_fn, source, resolved, num_chains=resolved.num_chains, seed=seed, observables=observables
     )
-    return summarize_chains(run, resolved)
+    result = summarize_chains(run, resolved)
+    return result if spec is None else result.with_probe_labels(spec.labels)

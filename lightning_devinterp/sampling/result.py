@@ -9,9 +9,16 @@ from typing import Any
 
 from torch import Tensor
 
-from lightning_devinterp.sampling.chains import ChainRun
+from lightning_devinterp.sampling.chains import FULL_MODEL, ChainRun
 from lightning_devinterp.sampling.config import SamplingConfig
 from lightning_devinterp.sampling.health import diagnose, first_failures
+from lightning_devinterp.sampling.susceptibility import (
+    PROBE_LOSS,
+    check_labels,
+    label_means,
+    probe_covariance,
+    susceptibility,
+)
 from lightning_devinterp.sampling.uncertainty import MeanError, mean_error
 
 
@@ -60,6 +67,9 @@ class LLCResult:
     effective_draws: float = math.nan
     anchor_loss_trace: Tensor | None = None
     tilted: bool = False
+    susceptibility: Tensor | None = None
+    susceptibility_std: Tensor | None = None
+    probe_labels: Any = None
 
     @property
     def paired(self) -> bool:
@@ -71,6 +81,62 @@ class LLCResult:
         """A 90% interval for λ̂: ``llc_mean`` ± a Student-t quantile times ``llc_stderr``."""
         half = MeanError(self.llc_stderr, self.effective_draws).half_width()
         return self.llc_mean - half, self.llc_mean + half
+
+    @property
+    def susceptibility_by_label(self) -> dict[str, float]:
+        """The mean susceptibility per probe label (empty without a probe or ``probe_labels``)."""
+        if self.susceptibility is None or self.probe_labels is None:
+            return {}
+        return label_means(self.susceptibility, self.probe_labels)
+
+    def susceptibility_summary(self) -> dict[str, dict[str, float]]:
+        """The mean susceptibility per group (``"all"`` for the full model, then each of ``groups``) and per probe
+        label (``"mean"`` over the whole probe without labels); empty without a probe.
+        """
+        if self.susceptibility is None:
+            return {}
+        parts = {FULL_MODEL: self, **self.groups}
+        return {
+            name: part.susceptibility_by_label or {"mean": float(part.susceptibility.nanmean())}
+            for name, part in parts.items()
+            if part.susceptibility is not None
+        }
+
+    def with_probe_labels(self, labels: Any) -> LLCResult:
+        """This result (and its groups) with ``probe_labels`` set, checked against the probe's shape.
+
+        Args:
+            labels: one label per probe sample or per token, or None.
+
+        Raises:
+            ValueError: labels that do not match the probe.
+        """
+        if labels is not None and self.susceptibility is not None:
+            check_labels(self.susceptibility, labels)
+        return dataclasses.replace(
+            self,
+            probe_labels=labels,
+            groups={name: group.with_probe_labels(labels) for name, group in self.groups.items()},
+        )
+
+    def probe_covariance(self) -> Tensor:
+        """The Bayesian influence between probe samples, −Cov[ℓ_i, ℓ_j] over the draws, ``[samples, samples]``.
+
+        Raises:
+            ValueError: the estimate had no probe.
+        """
+        if PROBE_LOSS not in self.observations:
+            raise ValueError("probe_covariance needs an estimate with a probe (probe=..., per_sample_loss_fn=...).")
+        return probe_covariance(self.observations[PROBE_LOSS])
+
+    def influence(self, i: int, j: int) -> float:
+        """The Bayesian influence of probe sample ``i`` on probe sample ``j``, −Cov[ℓ_i, ℓ_j].
+
+        Args:
+            i: a probe sample's index.
+            j: another (or the same) probe sample's index.
+        """
+        return float(self.probe_covariance()[i, j])
 
     @property
     def acceptance_mean(self) -> float:
@@ -126,6 +192,7 @@ def _summarize_group(run: ChainRun, config: SamplingConfig, group: int) -> LLCRe
     llc_mean = float(llc_per_chain[alive].mean())
     llc_std = float(llc_per_chain[alive].std()) if len(alive) > 1 else float("nan")
     error = mean_error(increases[alive])
+    chi = susceptibility(increases, run.observations[PROBE_LOSS][group]) if PROBE_LOSS in run.observations else None
     acceptance = run.acceptance[group].clone()
     acceptance[list(failures)] = float("nan")
     findings = diagnose(
@@ -161,4 +228,6 @@ def _summarize_group(run: ChainRun, config: SamplingConfig, group: int) -> LLCRe
         effective_draws=error.effective_draws,
         anchor_loss_trace=anchors.float() if anchors is not None else None,
         tilted=config.tilted,
+        susceptibility=None if chi is None else chi.value.float(),
+        susceptibility_std=None if chi is None else chi.stderr.float(),
     )

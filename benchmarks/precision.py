@@ -27,6 +27,7 @@ import dataclasses
 import json
 import math
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -281,12 +282,17 @@ def summary(points: list[dict[str, Any]]) -> str:
     return f"median error {statistics.median(errors):.0%}, 90th percentile {p90:.0%}, coverage {covered:.0%} of {len(points)}"
 
 
-def figure(labels: list[str], path: str) -> None:
-    """Each recorded point's λ̂ and interval over its reference, one panel per label (e.g. before and after)."""
+def figure(labels: list[str], path: str, seeds: list[int] | None = None) -> None:
+    """Each recorded point's λ̂ and interval over its reference, one panel per label (e.g. before and after), for the
+    runs of ``seeds`` (all when None).
+    """
     from lightning_devinterp.plotting import pyplot
 
     plt = pyplot()
-    panels = [json.loads((RESULTS / f"{label}.json").read_text()) for label in labels]
+    panels = [
+        [r for r in json.loads((RESULTS / f"{label}.json").read_text()) if seeds is None or r["seed"] in seeds]
+        for label in labels
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.6), sharey=True, squeeze=False)
     for ax, label, results in zip(axes[0], labels, panels):
         position, ticks = 0, []
@@ -299,7 +305,7 @@ def figure(labels: list[str], path: str) -> None:
             colors = ["tab:blue" if p["covered"] else "tab:red" for p in points]
             ax.errorbar(xs, ratio, yerr=[below, above], fmt="none", ecolor=colors, elinewidth=1.2)
             ax.scatter(xs, ratio, c=colors, s=14, zorder=3)
-            ticks.append((position + (len(points) - 1) / 2, result["run"]))
+            ticks.append((position + (len(points) - 1) / 2, f"{result['run']} {result['seed']}"))
             position += len(points) + 1
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.axhspan(0.9, 1.1, color="tab:green", alpha=0.12)
@@ -331,7 +337,7 @@ def main() -> None:
     parser.add_argument("-o", "--output", default="precision.png", help="where --figure writes")
     args = parser.parse_args()
     if args.figure:
-        figure(args.figure, args.output)
+        figure(args.figure, args.output, args.seeds if "--seeds" in sys.argv else None)
         return
     warnings.filterwarnings("ignore")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")

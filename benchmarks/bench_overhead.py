@@ -5,7 +5,7 @@ the monitor, with the monitor's default schedule (a 10% wall-time budget), and w
 comparison, then prints each run's wall time, its overhead over the plain run, and the share of wall time the
 monitor itself measured. The budget mode should hold its budget within a few points.
 
-    python benchmarks/bench_overhead.py [--steps 3000] [--max-overhead 0.1]
+    python -m benchmarks.bench_overhead [--steps 3000] [--max-overhead 0.1]
 """
 
 from __future__ import annotations
@@ -19,22 +19,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from benchmarks.ordinary_runs import Regressor
 from lightning_devinterp import LLCMonitor
-
-
-class Regressor(pl.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
-
-    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
-        x, y = batch
-        loss = 0.5 * ((self.net(x) - y) ** 2).sum(-1).mean()
-        self.log("train_loss", loss)
-        return loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=1e-2)
 
 
 def loader() -> DataLoader:
@@ -56,7 +42,8 @@ def timed_fit(steps: int, monitor: LLCMonitor | None) -> float:
         accelerator="cpu",
     )
     started = time.perf_counter()
-    trainer.fit(Regressor(), loader())
+    net = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+    trainer.fit(Regressor(net, lr=1e-2, optimizer=torch.optim.SGD), loader())
     return time.perf_counter() - started
 
 

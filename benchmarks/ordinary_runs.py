@@ -42,6 +42,25 @@ class Classifier(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.lr)
 
 
+class Regressor(pl.LightningModule):
+    """½ Σ (y − f)² over outputs, averaged over samples (a Gaussian NLL with unit noise variance); Adam by default."""
+
+    def __init__(
+        self, net: nn.Module, lr: float = 1e-3, optimizer: type[torch.optim.Optimizer] = torch.optim.Adam
+    ) -> None:
+        super().__init__()
+        self.net, self.lr, self.optimizer = net, lr, optimizer
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        x, y = batch
+        loss = 0.5 * ((self.net(x) - y) ** 2).sum(-1).mean()
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.optimizer(self.parameters(), lr=self.lr)
+
+
 def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
 

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks.ordinary_runs import Classifier, SmallCNN, TinyTransformer, digits, sequences
+from benchmarks.ordinary_runs import Classifier, Regressor, SmallCNN, TinyTransformer, digits, sequences
 from lightning_devinterp import LLCMonitor, estimate_llc
 
 RESULTS = Path(__file__).resolve().parent / "precision_results"
@@ -71,41 +71,13 @@ def regression_data(seed: int, n: int = 2000, features: int = 8) -> TensorDatase
     return TensorDataset(x, target + torch.randn(n, 1, generator=generator))
 
 
-class Regressor(pl.LightningModule):
-    """½ (y − f)² averaged over samples (unit noise variance); Adam."""
-
-    def __init__(self, net: nn.Module, lr: float = 1e-3) -> None:
-        super().__init__()
-        self.net, self.lr = net, lr
-
-    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
-        x, y = batch
-        loss = 0.5 * ((self.net(x) - y) ** 2).sum(-1).mean()
-        self.log("train_loss", loss)
-        return loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
-
-
-class StagedNetwork(pl.LightningModule):
+def staged_network(width: int) -> Regressor:
     """A deep linear network from a tiny initialisation, trained by SGD: it learns a rank-3 teacher mode by mode."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(8, width, bias=False), nn.Linear(width, 8, bias=False))
-        with torch.no_grad():
-            for layer in self.net:
-                layer.weight.normal_(0.0, 1e-5)
-
-    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
-        x, y = batch
-        loss = 0.5 * ((self.net(x) - y) ** 2).sum(-1).mean()
-        self.log("train_loss", loss)
-        return loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=2.5e-3)
+    net = nn.Sequential(nn.Linear(8, width, bias=False), nn.Linear(width, 8, bias=False))
+    with torch.no_grad():
+        for layer in net:
+            layer.weight.normal_(0.0, 1e-5)
+    return Regressor(net, lr=2.5e-3, optimizer=torch.optim.SGD)
 
 
 def staged_data(seed: int) -> TensorDataset:
@@ -173,7 +145,7 @@ RUNS = {
         4000,
         64,
     ),
-    "staged": Run("staged deep linear network", lambda s: StagedNetwork(8 * _wide(s)), staged_data, 5000, 100),
+    "staged": Run("staged deep linear network", lambda s: staged_network(8 * _wide(s)), staged_data, 5000, 100),
 }
 
 

@@ -12,6 +12,12 @@ columns of the output projection, built by ``head_groups``). They go to TensorBo
 ``llc/<group>/std``, charted together under "LLC by component", and to ``trainer.callback_metrics``, so that a
 ``TransitionMonitor(monitor="llc/attn/mean")`` watches the attention's own series.
 
+Where each component looks: with a probe of held-out sequences and a per-token loss, every estimate also gives each
+component's susceptibility χ to every probe token, from the same draws. Tokens are labelled by role: ``rule`` (the
+sum of the two before it), ``noise`` (a replaced token, which nothing can predict) and ``start`` (the first target,
+with one token before it). The monitor logs ``susceptibility/<group>/<role>`` and a heatmap of components × roles;
+the script also draws χ per component and role over training.
+
 What to expect (1000 steps, an estimate every 100 steps with 4 chains of 100 draws per group; under two minutes on a
 laptop CPU, almost all of it sampling):
 
@@ -20,11 +26,14 @@ laptop CPU, almost all of it sampling):
   follows a similar path; the unembedding's rises first and falls back as attention and MLP take over; the
   embeddings' grows slowly;
 - the ``TransitionMonitor`` on ``llc/attn/mean`` reports the end of attention's climb (evidence "λ̂ change");
-- the step-0 estimate is unhealthy (w* is the random initialisation, not a minimum) and is marked so.
+- the step-0 estimate is unhealthy (w* is the random initialisation, not a minimum) and is marked so;
+- while the heads turn to the previous tokens, attention's susceptibility to ``noise`` and ``start`` tokens (those
+  the rule cannot predict) rises well above its susceptibility to ``rule`` tokens, which stays near zero; the full
+  model's follows, and settles later.
 
-Outputs: TensorBoard logs under ``--log-dir``, ``<log dir>/components.png`` (needs matplotlib: the ``[examples]``
-extra; ``docs/components.png`` is this picture, docs/benchmarks.md the measured levels) and a table of estimates on
-stdout.
+Outputs: TensorBoard logs under ``--log-dir``, ``<log dir>/components.png`` and ``<log dir>/susceptibility.png``
+(need matplotlib: the ``[examples]`` extra; ``docs/components.png`` and ``docs/susceptibility.png`` are these
+pictures, docs/benchmarks.md the measured levels) and tables of estimates on stdout.
 
     python examples/components.py [--steps 1500] [--every 100] [--log-dir runs] [--smoke]
 """
@@ -44,7 +53,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_devinterp import LLCMonitor, TransitionMonitor, TransitionWarning
-from lightning_devinterp.plotting import plot_runs, read_runs
+from lightning_devinterp.plotting import plot_runs, plot_susceptibility_history, read_runs
 from lightning_devinterp.sampling.params import head_groups
 
 VOCAB, LENGTH, WIDTH, HEADS = 16, 16, 32, 2
@@ -132,6 +141,23 @@ class AttentionRecord(pl.Callback):
             self.by_step[trainer.global_step] = attention_by_offset(pl_module, self.tokens)
 
 
+def per_token_loss(model: SequenceModel, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy of every target token, ``[batch, tokens]``: the probe's loss, on the training loss's scale."""
+    tokens, targets = batch
+    return F.cross_entropy(model(tokens).transpose(1, 2), targets, reduction="none")
+
+
+def token_roles(data: TensorDataset) -> list[list[str]]:
+    """Each target token's role: ``start`` (the first), ``rule`` (the sum of the two before it) or ``noise``."""
+    tokens, targets = data.tensors
+    follows = torch.zeros_like(targets, dtype=torch.bool)
+    follows[:, 1:] = targets[:, 1:] == (tokens[:, 1:] + tokens[:, :-1]) % VOCAB
+    return [
+        ["start" if position == 0 else "rule" if rule else "noise" for position, rule in enumerate(row)]
+        for row in follows.tolist()
+    ]
+
+
 def component_groups(model: SequenceModel) -> dict:
     """The four components by name pattern, and each attention head by element masks."""
     return {
@@ -161,9 +187,11 @@ def main() -> None:
 
     pl.seed_everything(0)
     model = SequenceModel()
+    probe = sum_sequences(32, seed=2)
     monitor = LLCMonitor(
-        every_n_steps=args.every, num_chains=chains, num_draws=draws, param_groups=component_groups(model)
-    )
+        every_n_steps=args.every, num_chains=chains, num_draws=draws, param_groups=component_groups(model),
+        probe=probe, per_sample_loss_fn=per_token_loss, probe_labels=token_roles(probe), probe_every=2,
+    )  # fmt: skip
     watcher = TransitionMonitor(monitor="llc/attn/mean")
     attention = AttentionRecord(sum_sequences(256, seed=1).tensors[0], args.every)
     logger = TensorBoardLogger(args.log_dir, name="components")
@@ -191,11 +219,18 @@ def main() -> None:
         weights = attention.by_step.get(estimate.step)
         looks = "".join(f" {f'{w[1]:.2f}/{w[2]:.2f}':>16}" for w in weights.tolist()) if weights is not None else ""
         print(f"{estimate.step:>6} {estimate.llc_mean:>7.1f} {parts}{looks}{'' if estimate.healthy else '  unhealthy'}")
+    roles = list(monitor.history[-1].result.susceptibility_summary()["all"])
+    print("\nsusceptibility χ per component and token role (last estimate)")
+    print(f"{'group':>8} " + " ".join(f"{role:>9}" for role in roles))
+    for group, row in monitor.history[-1].result.susceptibility_summary().items():
+        print(f"{group:>8} " + " ".join(f"{row[role]:>9.3g}" for role in roles))
     print(f"\n{len(monitor.transitions) + len(watcher.transitions)} transition(s) reported:")
     for transition in monitor.transitions + watcher.transitions:
         print("  " + transition.describe())
     try:
         print(f"\nplot: {plot_runs(read_runs(Path(logger.log_dir)), Path(logger.log_dir) / 'components.png')}")
+        history = [(r.step, r.result.susceptibility_summary()) for r in monitor.history if r.step > 0]
+        print(f"plot: {plot_susceptibility_history(history, Path(logger.log_dir) / 'susceptibility.png')}")
     except (ImportError, ValueError) as error:
         print(f"\nno plot: {error}")
     print(f"TensorBoard logs: {logger.log_dir}")

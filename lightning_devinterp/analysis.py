@@ -22,6 +22,7 @@ from lightning_devinterp.detection.transition import Transition
 from lightning_devinterp.plotting import Scalars, plot_runs
 from lightning_devinterp.sampling.estimate import estimate_llc
 from lightning_devinterp.sampling.model_view import LossFn
+from lightning_devinterp.sampling.susceptibility import flat_labels
 
 RESULT_COLUMNS = [
     "step",
@@ -37,7 +38,8 @@ RESULT_COLUMNS = [
     "healthy",
     "seconds",
 ]
-"""The CSV's columns for the full model; each parameter group adds ``<group>_llc_mean`` and ``<group>_llc_std``."""
+"""The CSV's columns for the full model; each parameter group adds ``<group>_llc_mean`` and ``<group>_llc_std``, and
+a probe adds ``susceptibility_<group>_<label>`` for the full model (group ``all``) and each group."""
 
 
 class AnalysisError(Exception):
@@ -62,13 +64,42 @@ def checkpoint_step(path: Path) -> int:
         raise AnalysisError(f"cannot read the step of {path}: {error}") from None
 
 
-def result_columns(groups: Sequence[str]) -> list[str]:
-    """The CSV's columns: :data:`RESULT_COLUMNS`, then the mean and std of each group's λ̂.
+def result_columns(groups: Sequence[str], susceptibility_labels: Sequence[str] = ()) -> list[str]:
+    """The CSV's columns: :data:`RESULT_COLUMNS`, the mean and std of each group's λ̂, then the mean susceptibility
+    per group and probe label.
 
     Args:
         groups: the names of the parameter groups, in order.
+        susceptibility_labels: the probe's labels (``["mean"]`` for a probe without labels; none without a probe).
     """
-    return RESULT_COLUMNS + [f"{group}_{field}" for group in groups for field in ("llc_mean", "llc_std")]
+    return (
+        RESULT_COLUMNS
+        + [f"{group}_{field}" for group in groups for field in ("llc_mean", "llc_std")]
+        + [
+            susceptibility_column(group, label)
+            for group in [names.FULL_MODEL, *groups]
+            for label in susceptibility_labels
+        ]
+    )
+
+
+def susceptibility_column(group: str, label: str) -> str:
+    """The CSV column of a group's mean susceptibility over the probe samples with ``label``.
+
+    Args:
+        group: a parameter group's name, or ``"all"`` for the full model.
+        label: a probe label, or ``"mean"``.
+    """
+    return f"susceptibility_{group}_{label}"
+
+
+def _susceptibility_labels(estimate_kwargs: dict[str, Any]) -> list[str]:
+    if estimate_kwargs.get("probe") is None:
+        return []
+    labels = estimate_kwargs.get("probe_labels")
+    if labels is None:
+        return ["mean"]
+    return [str(label) for label in dict.fromkeys(flat_labels(labels))]
 
 
 def _done_steps(csv_path: Path, columns: list[str]) -> set[int]:
@@ -106,7 +137,7 @@ def analyze(
         csv_path: the CSV the results are appended to; checkpoints whose step it already holds are skipped.
         loss_fn: ``loss_fn(model, batch)``; default, for a LightningModule, its ``training_step`` loss.
         estimate_kwargs: keyword arguments of :func:`~lightning_devinterp.estimate_llc` (sampling settings, seed,
-            device).
+            device; ``probe``, ``per_sample_loss_fn`` and ``probe_labels`` add susceptibility columns).
         progress: show a progress bar.
 
     Returns:
@@ -126,7 +157,7 @@ def analyze(
     )
     if not checkpoints:
         raise AnalysisError(f"no .ckpt files under {checkpoint_dir}")
-    columns = result_columns(list(estimate_kwargs.get("param_groups") or {}))
+    columns = result_columns(list(estimate_kwargs.get("param_groups") or {}), _susceptibility_labels(estimate_kwargs))
     done = _done_steps(csv_path, columns)
     data = make_data()
     new_file = not csv_path.exists()
@@ -167,6 +198,11 @@ def analyze(
                         f"{name}_{field}": getattr(group, field)
                         for name, group in result.groups.items()
                         for field in ("llc_mean", "llc_std")
+                    },
+                    **{
+                        susceptibility_column(group, label): value
+                        for group, row in result.susceptibility_summary().items()
+                        for label, value in row.items()
                     },
                 }
             )

@@ -52,6 +52,24 @@ def group_metric(group: str, field: str) -> str:
     return f"{PREFIX}{group}/{field}"
 
 
+SUSCEPTIBILITY_PREFIX = "susceptibility/"
+FULL_MODEL = "all"
+"""The group name of the full model (all sampled parameters) in susceptibility metrics."""
+
+SUSCEPTIBILITY = re.compile(r"^susceptibility/([^/]+)/(.+)$")
+"""Matches a susceptibility scalar and captures its group and label."""
+
+
+def susceptibility_metric(group: str, label: str) -> str:
+    """The name of a group's mean susceptibility over the probe samples with one label, e.g. ``susceptibility/attn/repeat``.
+
+    Args:
+        group: the group's name, or :data:`FULL_MODEL`.
+        label: a probe label, or ``"mean"`` (over the whole probe) when there are no labels.
+    """
+    return f"{SUSCEPTIBILITY_PREFIX}{group}/{label}"
+
+
 def transition_metric(is_onset: bool) -> str:
     """The scalar logged at a transition report.
 

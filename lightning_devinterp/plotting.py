@@ -168,3 +168,79 @@ def plot_runs(runs: dict[str, Scalars], output: str | Path, log_x: bool = False)
     figure.savefig(output, dpi=120)
     plt.close(figure)
     return output
+
+
+def susceptibility_heatmap(summary: dict[str, dict[str, float]], title: str = "") -> Any:
+    """A heatmap of susceptibilities, groups (rows) × probe labels (columns), diverging around zero.
+
+    Args:
+        summary: ``{group: {label: χ}}``, as :meth:`~lightning_devinterp.LLCResult.susceptibility_summary` gives.
+        title: the figure's title.
+
+    Returns:
+        The matplotlib figure (the caller closes or saves it).
+
+    Raises:
+        ImportError: matplotlib is not installed.
+    """
+    plt = pyplot()
+    groups = list(summary)
+    labels = list(dict.fromkeys(label for row in summary.values() for label in row))
+    values = [[summary[group].get(label, float("nan")) for label in labels] for group in groups]
+    scale = max((abs(v) for row in values for v in row if v == v), default=1.0) or 1.0
+    figure, axis = plt.subplots(figsize=(1.2 + 0.9 * len(labels), 0.8 + 0.45 * len(groups)))
+    image = axis.imshow(values, cmap="RdBu_r", vmin=-scale, vmax=scale, aspect="auto")
+    axis.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    axis.set_yticks(range(len(groups)), groups)
+    for row, entries in enumerate(values):
+        for column, value in enumerate(entries):
+            axis.text(column, row, f"{value:.2g}", ha="center", va="center", fontsize=7)
+    figure.colorbar(image, ax=axis, label="χ")
+    if title:
+        axis.set_title(title, fontsize=9)
+    figure.tight_layout()
+    return figure
+
+
+def plot_susceptibility_history(history: Sequence[tuple[int, dict[str, dict[str, float]]]], output: str | Path) -> Path:
+    """Susceptibilities over training: one heatmap per probe label, groups (rows) × estimate steps (columns).
+
+    Args:
+        history: ``(step, summary)`` per estimate, each summary as
+            :meth:`~lightning_devinterp.LLCResult.susceptibility_summary` gives.
+        output: where to write the PNG.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: no estimate has susceptibilities.
+        ImportError: matplotlib is not installed.
+    """
+    history = [(step, summary) for step, summary in history if summary]
+    if not history:
+        raise ValueError("no estimate has susceptibilities to draw")
+    plt = pyplot()
+    groups = list(dict.fromkeys(group for _, summary in history for group in summary))
+    labels = list(dict.fromkeys(label for _, summary in history for row in summary.values() for label in row))
+    steps = [step for step, _ in history]
+    figure, axes = plt.subplots(
+        1, len(labels), figsize=(1.5 + 3.2 * len(labels), 0.9 + 0.4 * len(groups)), squeeze=False, sharey=True
+    )
+    values = {
+        label: [[summary.get(group, {}).get(label, float("nan")) for _, summary in history] for group in groups]
+        for label in labels
+    }
+    scale = max((abs(v) for grid in values.values() for row in grid for v in row if v == v), default=1.0) or 1.0
+    for axis, label in zip(axes[0], labels):
+        image = axis.imshow(values[label], cmap="RdBu_r", vmin=-scale, vmax=scale, aspect="auto")
+        ticks = sorted({0, len(steps) // 2, len(steps) - 1})
+        axis.set_xticks(ticks, [str(steps[i]) for i in ticks])
+        axis.set_yticks(range(len(groups)), groups)
+        axis.set_title(label, fontsize=9)
+        axis.set_xlabel("step")
+    figure.colorbar(image, ax=list(axes[0]), label="χ")
+    output = Path(output)
+    figure.savefig(output, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    return output

@@ -13,7 +13,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, cast
 
 import lightning.pytorch as pl
@@ -22,7 +22,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from lightning_devinterp import metric_names as names
 from lightning_devinterp._checks import check_callable, check_count, is_integer
@@ -44,6 +44,7 @@ from lightning_devinterp.sampling.calibration import CalibrationResult
 from lightning_devinterp.sampling.config import SamplingConfig, check_setting_names
 from lightning_devinterp.sampling.model_view import LossFn, resolve_loss_fn
 from lightning_devinterp.sampling.params import select_parameter_names
+from lightning_devinterp.sampling.susceptibility import PerSampleLossFn, ProbeSpec
 from lightning_devinterp.tracking.distributed import Collective
 from lightning_devinterp.tracking.schedule import EstimateSchedule
 from lightning_devinterp.tracking.tracker import SMALLEST, EstimateInputs, LLCRecord, LLCTracker, Processes
@@ -115,6 +116,12 @@ class LLCMonitor(Callback):
         buffer_size: training batches kept for iterable training data.
         clock: the wall clock the budget reads (seconds); a deterministic one makes the budgeted schedule
             reproducible, e.g. in tests or simulations.
+        probe: samples to attribute to (a Dataset or DataLoader, read whole); with ``per_sample_loss_fn``, every
+            estimate carries each probe sample's susceptibility per group, logged as
+            ``susceptibility/<group>/<label>`` and drawn as a heatmap of groups × labels (docs/components.md).
+        per_sample_loss_fn: ``per_sample_loss_fn(module, batch) -> Tensor[batch]`` (or ``[batch, tokens]``).
+        probe_labels: a label per probe sample (or per token); the logs then hold the mean susceptibility per label.
+        probe_every: read the probe at every ``probe_every``-th draw.
         **sampling: the sampling settings of :class:`~lightning_devinterp.SamplingConfig`. Chain-shape settings
             left unset are sized to the budget (4 chains; 10-50 burn-in steps; 30-200 draws); ``epsilon="adaptive"``
             (the default) adapts the step at the first estimate after step 0 and keeps it, adapting again only when
@@ -140,10 +147,15 @@ class LLCMonitor(Callback):
         on_error: Literal["warn", "raise"] = "warn",
         buffer_size: int = 32,
         clock: Callable[[], float] = time.perf_counter,
+        probe: DataLoader | Dataset | None = None,
+        per_sample_loss_fn: PerSampleLossFn | None = None,
+        probe_labels: Sequence[Any] | torch.Tensor | None = None,
+        probe_every: int = 1,
         **sampling: Any,
     ) -> None:
         super().__init__()
         check_setting_names(sampling)
+        probe_spec = ProbeSpec.from_arguments(probe, per_sample_loss_fn, probe_labels, probe_every)
         self.config = SamplingConfig(**sampling)
         self.schedule = EstimateSchedule(every_n_steps, log_spaced, max_overhead, clock=clock)
         check_callable("loss_fn", loss_fn, "loss_fn(module, batch)")
@@ -171,7 +183,7 @@ class LLCMonitor(Callback):
             None if loss_detector is False else loss_detector or LossDropDetector(),
             None if detector is False else detector or LevelShiftDetector(metric=names.LLC_MEAN),
         )
-        self.tracker = LLCTracker(self.config, seed, evidence, clock=clock)
+        self.tracker = LLCTracker(self.config, seed, evidence, clock=clock, probe=probe_spec)
         self.clock = clock
         self._losses: list[tuple[int, Any]] = []
         self.previous_fits: list[FitHistory] = []

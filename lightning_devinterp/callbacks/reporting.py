@@ -11,10 +11,11 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_devinterp import metric_names as names
 from lightning_devinterp.detection.transition import Transition, TransitionWarning
+from lightning_devinterp.plotting import pyplot, susceptibility_heatmap
 from lightning_devinterp.sampling.calibration import CalibrationResult
 from lightning_devinterp.tracking.tracker import LLCRecord
 
@@ -166,9 +167,15 @@ def report_estimate(trainer: pl.Trainer, record: LLCRecord) -> None:
                 for name, group in result.groups.items()
                 for field, value in (("mean", group.llc_mean), ("std", group.llc_std), ("stderr", group.llc_stderr))
             },
+            **{
+                names.susceptibility_metric(group, label): value
+                for group, row in result.susceptibility_summary().items()
+                for label, value in row.items()
+            },
         },
         record.step,
     )
+    report_susceptibility_heatmap(trainer, record)
     if result.healthy:
         trainer.callback_metrics[names.LLC_MEAN] = torch.tensor(record.llc_mean)
         trainer.callback_metrics[names.LLC_STEP] = torch.tensor(float(record.step))
@@ -186,6 +193,34 @@ def report_estimate(trainer: pl.Trainer, record: LLCRecord) -> None:
             record.seconds,
             "" if result.healthy else " [unhealthy: " + " ".join(result.warnings) + "]",
         )
+
+
+def report_susceptibility_heatmap(trainer: pl.Trainer, record: LLCRecord) -> None:
+    """Draw the estimate's susceptibilities (groups × probe labels) into TensorBoard's Images tab, if it has any;
+    without matplotlib, say once how to get the picture (the scalars are logged regardless).
+
+    Args:
+        trainer: the running Trainer.
+        record: the estimate.
+    """
+    summary = record.result.susceptibility_summary()
+    loggers = tensorboard_loggers(trainer)
+    if not summary or not loggers or not trainer.is_global_zero:
+        return
+    try:
+        figure = susceptibility_heatmap(summary, f"susceptibility at step {record.step}")
+    except ImportError as error:
+        if not _said_once["heatmap"]:
+            _said_once["heatmap"] = True
+            rank_zero_info(f"LLCMonitor: no susceptibility heatmap in TensorBoard ({error}); the scalars are logged.")
+        return
+    for logger in loggers:
+        logger.experiment.add_figure("devinterp/susceptibility", figure, global_step=record.step, close=False)
+    pyplot().close(figure)
+
+
+_said_once = {"heatmap": False}
+"""Messages this process has already given (once per process is enough)."""
 
 
 def transition_checkpoint_path(trainer: pl.Trainer, transition: Transition) -> str:

@@ -36,6 +36,7 @@ from lightning_devinterp.sampling.data import MinibatchSource
 from lightning_devinterp.sampling.health import MIN_ACCEPTANCE
 from lightning_devinterp.sampling.model_view import LossFn
 from lightning_devinterp.sampling.result import LLCEstimationError, LLCResult, summarize_chains
+from lightning_devinterp.sampling.susceptibility import ProbeLosses, ProbeSpec
 from lightning_devinterp.tracking.distributed import Collective, chains_per_rank, derive_seed, gather_run
 
 ADAPTATION_BURNIN = 60
@@ -80,6 +81,40 @@ class LLCRecord:
     @property
     def healthy(self) -> bool:
         return self.result.healthy
+
+
+WHERE_TO_LOOK_COUNT = 2
+"""How many groups and probe labels an end report names."""
+
+
+def where_to_look(before: LLCResult, after: LLCResult) -> str:
+    """The groups whose λ̂ changed most, and the (group, probe label) pairs whose mean susceptibility changed most,
+    from ``before`` to ``after``, in words ("" when there are no groups and no probe).
+
+    Args:
+        before: the estimate before the change.
+        after: the estimate after it.
+    """
+    parts = []
+    groups = [
+        (after.groups[name].llc_mean - group.llc_mean, name)
+        for name, group in before.groups.items()
+        if name in after.groups
+    ]
+    if groups:
+        largest = sorted(groups, key=lambda item: -abs(item[0]))[:WHERE_TO_LOOK_COUNT]
+        parts.append("λ̂ of " + ", ".join(f"{name} {change:+.3g}" for change, name in largest))
+    old, new = before.susceptibility_summary(), after.susceptibility_summary()
+    changes = [
+        (new[group][label] - value, f"{label} in {group}")
+        for group, row in old.items()
+        for label, value in row.items()
+        if label in new.get(group, {})
+    ]
+    if changes:
+        largest = sorted(changes, key=lambda item: -abs(item[0]))[:WHERE_TO_LOOK_COUNT]
+        parts.append("χ of " + ", ".join(f"{where} {change:+.3g}" for change, where in largest))
+    return "; ".join(parts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +165,7 @@ class LLCTracker:
         seed: seeds the chains (with the step and the rank).
         evidence: where estimates and losses go for transition detection.
         clock: the wall clock estimates are timed with, in seconds.
+        probe: samples to attribute to; each estimate then carries their susceptibilities (None: no probe).
     """
 
     def __init__(
@@ -138,9 +174,12 @@ class LLCTracker:
         seed: int,
         evidence: TransitionEvidence,
         clock: Callable[[], float] = time.perf_counter,
+        probe: ProbeSpec | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
+        self.probe = probe
+        self._probe_losses: ProbeLosses | None = None
         self.seed = seed
         self.evidence = evidence
         self.reset()
@@ -254,6 +293,7 @@ class LLCTracker:
                     average=processes.average,
                     start_offsets=self._warm_start(counts[processes.rank]) if epsilon != "adaptive" else None,
                     clock=self.clock,
+                    observables=self._observables(inputs),
                 )
         except Exception as caught:
             if processes.collective is None:
@@ -261,13 +301,26 @@ class LLCTracker:
             error = caught
         if processes.collective is None:
             assert local is not None
-            return summarize_chains(local, config), local
+            return self._summarize(local, config), local
         gathered = gather_run(processes.collective, local, counts)
         if gathered is None:
             if error is not None:
                 raise error
             raise LLCEstimationError("the estimate failed on another rank.")
-        return summarize_chains(gathered, config), local
+        return self._summarize(gathered, config), local
+
+    def _observables(self, inputs: EstimateInputs) -> list[ProbeLosses]:
+        """The probe's observable for this estimate (its batches read once and kept, per device)."""
+        if self.probe is None:
+            return []
+        device = inputs.source.device
+        if self._probe_losses is None or self._probe_losses.device != device:
+            self._probe_losses = self.probe.observable(inputs.module, device)
+        return [self._probe_losses.bound_to(inputs.module)]
+
+    def _summarize(self, run: ChainRun, config: SamplingConfig) -> LLCResult:
+        result = summarize_chains(run, config)
+        return result if self.probe is None else result.with_probe_labels(self.probe.labels)
 
     def _warm_start(self, num_chains: int) -> dict[str, Tensor] | None:
         """The previous estimate's final offsets, if it ran the same chains (per group) on this process."""
@@ -341,8 +394,23 @@ class LLCTracker:
 
     def _keep(self, transition: Transition | None) -> Transition | None:
         if transition is not None:
+            if not transition.is_onset:
+                transition = self._with_where_to_look(transition)
             self.transitions.append(transition)
         return transition
+
+    def _with_where_to_look(self, end: Transition) -> Transition:
+        """An end report with the groups and probe labels that changed most since the healthy estimate before its
+        onset (unchanged when there are no groups or probe, or no such pair of estimates).
+        """
+        onset = next((t.step for t in reversed(self.transitions) if t.is_onset and t.step <= end.step), None)
+        healthy = [record for record in self.history if record.healthy]
+        before = next((r for r in reversed(healthy) if onset is not None and r.step <= onset), None)
+        after = healthy[-1] if healthy else None
+        if before is None or after is None or after.step <= before.step:
+            return end
+        words = where_to_look(before.result, after.result)
+        return dataclasses.replace(end, where_to_look=words) if words else end
 
     def llc_marker(self) -> float | None:
         """Where a transition marker goes on the λ̂ chart: the latest healthy estimate's value (None before one)."""

@@ -87,3 +87,19 @@ def wrong_shape_loader() -> DataLoader:
 def broken_loss(model, batch):
     """A user's loss function with a bug in it."""
     raise KeyError("labels")
+
+
+def per_sample_nll(module, batch):
+    """``Regressor``'s loss per sample: the probe loss for susceptibilities."""
+    x, y = batch
+    return 0.5 * ((module.net(x) - y) ** 2).sum(-1)
+
+
+def probe_set():
+    """Twelve fresh samples of ``regression_loader``'s rule (no noise), labelled by :data:`PROBE_LABELS`."""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(12, 5, generator=generator)
+    return TensorDataset(x, torch.stack([x[:, 0] - x[:, 1], x[:, 2]], dim=1))
+
+
+PROBE_LABELS = ["near"] * 6 + ["far"] * 6

@@ -11,9 +11,18 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
 from lightning_devinterp import LLCMonitor
+from lightning_devinterp.analysis import analyze
 from lightning_devinterp.cli import main
 from lightning_devinterp.plotting import plot_runs
-from tests.helpers.trainers import QUICK, Regressor, make_trainer, regression_loader
+from tests.helpers.trainers import (
+    PROBE_LABELS,
+    QUICK,
+    Regressor,
+    make_trainer,
+    per_sample_nll,
+    probe_set,
+    regression_loader,
+)
 
 ANALYZE = [
     "--module",
@@ -291,3 +300,15 @@ def test_analyze_reports_a_loss_drop_between_checkpoints_from_their_loss_at_w_st
     assert (
         "onset" in onset["reason"] and f"possible phase transition at step {onset['step']}" in capsys.readouterr().out
     )
+
+
+def test_analyze_writes_susceptibilities_per_group_and_label(trained_run, tmp_path):
+    rows, _ = analyze(
+        trained_run / "ckpt", Regressor.load_from_checkpoint, regression_loader, tmp_path / "chi.csv",
+        estimate_kwargs=dict(num_chains=2, num_draws=20, num_burnin_steps=10, seed=0, probe=probe_set(),
+                             per_sample_loss_fn=per_sample_nll, probe_labels=PROBE_LABELS, param_groups={"first": "net.0.*"}),
+        progress=False,
+    )  # fmt: skip
+    assert len(rows) == 3
+    for column in ("susceptibility_all_near", "susceptibility_all_far", "susceptibility_first_near"):
+        assert all(float(row[column]) == float(row[column]) for row in rows), column

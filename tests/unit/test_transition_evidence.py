@@ -4,10 +4,12 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
-from lightning_devinterp import TransitionDetector, detect_transitions
+from lightning_devinterp import LLCResult, SamplingConfig, TransitionDetector, detect_transitions
 from lightning_devinterp.detection.combined import TransitionEvidence
 from lightning_devinterp.detection.loss_drops import FIXED_DATA_METRIC, LossDropDetector
+from lightning_devinterp.tracking.tracker import LLCTracker
 from tests.helpers.series import loss_curve, slow_fall
 
 
@@ -120,3 +122,40 @@ def test_llc_seen_while_the_loss_settles_is_not_a_level_to_compare_with():
             if found is not None:
                 reports.append(found)
     assert reports == []
+
+
+def _estimate(llc, groups, chi):
+    """An LLCResult with λ̂ ``llc``, groups of the given λ̂ and susceptibilities per label (two probe samples each)."""
+
+    def result(value, susceptibility, parts=None):
+        return LLCResult(
+            llc_mean=value, llc_std=0.01, llc_per_chain=torch.full((2,), value), loss_trace=torch.zeros(2, 10),
+            acceptance=torch.full((2,), 0.95), init_loss=0.0, nbeta=10.0, epsilon=1e-4, llc_stderr=0.01,
+            susceptibility=torch.tensor(susceptibility), probe_labels=["rule", "rule", "noise", "noise"],
+            groups=parts or {},
+        )  # fmt: skip
+
+    return result(llc, chi["all"], {name: result(value, chi[name]) for name, value in groups.items()})
+
+
+def test_an_end_report_says_where_to_look():
+    """Across a loss drop, attention's λ̂ grew most and the MLP's χ on rule tokens moved most: the end report says
+    so, the onset report does not."""
+    tracker = LLCTracker(
+        SamplingConfig(), seed=0, evidence=TransitionEvidence(LossDropDetector(), TransitionDetector())
+    )
+    before = _estimate(5.0, {"attn": 1.0, "mlp": 2.0, "embed": 1.0},
+                       {"all": [0.1, 0.1, 0.2, 0.2], "attn": [0.0] * 4, "mlp": [0.1, 0.1, 0.0, 0.0], "embed": [0.0] * 4})  # fmt: skip
+    after = _estimate(9.0, {"attn": 4.0, "mlp": 2.5, "embed": 0.9},
+                      {"all": [0.1, 0.1, 0.2, 0.2], "attn": [0.0] * 4, "mlp": [0.9, 0.9, 0.0, 0.0], "embed": [0.0] * 4})  # fmt: skip
+    rng = np.random.default_rng(4)
+    steps, losses = loss_curve(rng, drops=(600,), noise=0.2)
+    for step, loss in zip(steps, losses):
+        tracker.observe_loss(step, loss)
+        if step % 50 == 0 and step > 0:
+            tracker.detect(tracker.record(step, before if step < 650 else after, 0.1), fixed_data=False)
+    onset, end = tracker.transitions
+    assert onset.where_to_look == ""
+    assert end.where_to_look.startswith("λ̂ of attn +3, mlp +0.5")
+    assert "χ of rule in mlp +0.8" in end.where_to_look
+    assert "where to look: λ̂ of attn" in end.describe()

@@ -305,6 +305,7 @@ class _Chains:
         self.may_fall_back = config.vectorize == "auto"
         self.vectorized = config.vectorize in (True, "auto")
         self.chain_losses = _vectorized(loss, config.compile) if self.vectorized else _sequential(loss, num_chains)
+        self.anchor_losses = _anchor_losses(loss, self.vectorized)
         self.anchor = {name: w.unsqueeze(0) for name, w in loss.anchor.items()}
         self.position = {name: a.repeat(num_chains, *([1] * (a.dim() - 1))) for name, a in self.anchor.items()}
         self.started_at_anchor = offsets is None
@@ -333,6 +334,7 @@ class _Chains:
             if not (first and self.may_fall_back and self.vectorized):
                 raise
             self.chain_losses, self.vectorized = _sequential(self.loss, self.num_chains), False
+            self.anchor_losses = _anchor_losses(self.loss, vectorized=False)
             grads, values = _grads_and_losses(self.chain_losses, self.position, batch)
             reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             if reason not in _fallback_reasons_logged:
@@ -580,7 +582,7 @@ def _sample(
                     values,
                     batch,
                     chains.chain_losses,
-                    _anchor_losses(chains.loss, chains.vectorized),
+                    chains.anchor_losses,
                 )
                 for observable in observables:
                     traces[observable.name].append(observable.observe(draw))

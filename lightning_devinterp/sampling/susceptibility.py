@@ -64,6 +64,7 @@ class ProbeLosses:
         self.model, self.per_sample_loss_fn, self.batches, self.every = model, per_sample_loss_fn, batches, every
         self.device = _batch_device(batches[0])
         self._loss: FunctionalLoss | None = None
+        self._batched: Callable[[dict[str, Tensor], Any], Tensor] | None = None
         self._shape: tuple[int, ...] | None = None
         self._vectorized = True
 
@@ -76,10 +77,10 @@ class ProbeLosses:
         return ProbeLosses(model, self.per_sample_loss_fn, self.batches, self.every)
 
     def _evaluate(self, position: dict[str, Tensor], batch: Any) -> Tensor:
-        assert self._loss is not None
+        assert self._loss is not None and self._batched is not None
         if self._vectorized:
             try:
-                return vmap(self._loss, in_dims=(0, None))(position, batch)
+                return self._batched(position, batch)
             except Exception:
                 if self._shape is not None:
                     raise
@@ -99,6 +100,7 @@ class ProbeLosses:
         if self._loss is None:
             device = next(iter(draw.position.values())).device
             self._loss = FunctionalLoss(self.model, self.per_sample_loss_fn, list(draw.position), device)
+            self._batched = vmap(self._loss, in_dims=(0, None))
         with torch.no_grad():
             pieces = [self._evaluate(draw.position, batch) for batch in self.batches]
         for piece, batch in zip(pieces, self.batches):

@@ -31,8 +31,8 @@ LLC_SECONDS = "llc/seconds"
 LLC_STEP = "llc/step"
 """In ``callback_metrics`` only: the step the latest healthy estimate was taken at."""
 
-LLC_TRANSITIONS = "llc/transitions"
-"""A marker on the λ̂ chart at each transition report."""
+FIGURE = "devinterp/llc_and_transitions"
+"""The TensorBoard image of λ̂ beside the loss with the transitions marked, redrawn at each report and at the end."""
 
 TRANSITIONS_PREFIX = "transitions/"
 TRANSITION_ONSET = "transitions/onset"

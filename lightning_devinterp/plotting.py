@@ -125,20 +125,17 @@ def _draw_groups(axis: Any, name: str, scalars: Scalars, groups: list[str]) -> l
     return handles
 
 
-def plot_runs(runs: dict[str, Scalars], output: str | Path, log_x: bool = False) -> Path:
-    """Draw each run that has λ̂ into one PNG, a panel per run.
-
-    Each panel shows λ̂ with its 90% interval (left axis), the training loss (right axis, log scale), transition onsets as dashed red
-    lines and ends as dotted grey ones, with a legend. A run logged with ``param_groups`` gets a second panel: each
-    group's λ̂ (``llc/<group>/mean``) beside the full model's.
+def runs_figure(runs: dict[str, Scalars], log_x: bool = False) -> Any:
+    """Each run that has λ̂ as a panel: λ̂ with its 90% interval (left axis), the training loss (right axis, log scale),
+    transition onsets as dashed red lines and ends as dotted grey ones, with a legend. A run logged with
+    ``param_groups`` gets a second panel: each group's λ̂ (``llc/<group>/mean``) beside the full model's.
 
     Args:
         runs: scalars by run name, as :func:`read_runs` returns them.
-        output: the PNG to write; its folder is created.
         log_x: a log-scaled step axis.
 
     Returns:
-        The path written.
+        The matplotlib figure (the caller closes or saves it).
 
     Raises:
         ValueError: no run has ``llc/mean`` scalars.
@@ -163,10 +160,29 @@ def plot_runs(runs: dict[str, Scalars], output: str | Path, log_x: bool = False)
         axis.set_xlabel("step")
         axis.legend(handles=handles, loc="best", fontsize="small", ncol=1 if groups is None or len(groups) < 5 else 2)
     figure.tight_layout()
+    return figure
+
+
+def plot_runs(runs: dict[str, Scalars], output: str | Path, log_x: bool = False) -> Path:
+    """Draw each run that has λ̂ into one PNG (:func:`runs_figure`).
+
+    Args:
+        runs: scalars by run name, as :func:`read_runs` returns them.
+        output: the PNG to write; its folder is created.
+        log_x: a log-scaled step axis.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: no run has ``llc/mean`` scalars.
+        ImportError: matplotlib is not installed.
+    """
+    figure = runs_figure(runs, log_x)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(output, dpi=120)
-    plt.close(figure)
+    pyplot().close(figure)
     return output
 
 

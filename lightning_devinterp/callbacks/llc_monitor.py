@@ -33,6 +33,7 @@ from lightning_devinterp.callbacks.reporting import (
     report_calibration,
     report_epsilon,
     report_estimate,
+    report_figure,
     write_run_header,
 )
 from lightning_devinterp.callbacks.training_data import TrainingData
@@ -299,7 +300,7 @@ class LLCMonitor(Callback):
             "schedule": self.schedule.describe(),
             "seed": self.seed,
         }
-        write_run_header(trainer, settings)
+        write_run_header(trainer, settings, with_groups=self.config.param_groups is not None)
         rank_zero_info(f"LLCMonitor: estimating {self.schedule.describe()}, nbeta = {self.tracker.nbeta:.6g}.")
         if (
             self.schedule.estimates_step_zero
@@ -335,12 +336,15 @@ class LLCMonitor(Callback):
                 self._estimate(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._disabled or trainer.global_step <= self.tracker.last_step:
+        """A last estimate at the final step (within the budget), then the λ̂ figure of the whole run."""
+        if self._disabled:
             return
         with self.schedule.timed():
-            self._flush_losses(trainer, pl_module)
-            if self._agreed(trainer, self.schedule.plan is not None or self.schedule.within_budget()):
-                self._estimate(trainer, pl_module)
+            if trainer.global_step > self.tracker.last_step:
+                self._flush_losses(trainer, pl_module)
+                if self._agreed(trainer, self.schedule.plan is not None or self.schedule.within_budget()):
+                    self._estimate(trainer, pl_module)
+            report_figure(trainer, trainer.global_step)
 
     def _due(self, step: int) -> bool:
         """A planned or scheduled step, or (default schedule) a denser estimate while a transition may be under way."""
@@ -382,7 +386,6 @@ class LLCMonitor(Callback):
             trainer,
             pl_module,
             transition,
-            llc_value=self.tracker.llc_marker(),
             on_transition=self.on_transition,
             save_checkpoint=self.save_checkpoint,
         )

@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_devinterp import metric_names as names
 from lightning_devinterp.detection.transition import Transition, TransitionWarning
-from lightning_devinterp.plotting import pyplot, susceptibility_heatmap
+from lightning_devinterp.plotting import pyplot, read_runs, runs_figure, susceptibility_heatmap
 from lightning_devinterp.sampling.calibration import CalibrationResult
 from lightning_devinterp.tracking.tracker import LLCRecord
 
@@ -28,18 +28,24 @@ def _exactly(name: str) -> str:
     return f"^{re.escape(name)}$"
 
 
-TENSORBOARD_LAYOUT = {
-    "devinterp": {
+def tensorboard_layout(with_groups: bool) -> dict[str, dict[str, list[Any]]]:
+    """The custom-scalars charts written once per run, only those that will have content (TensorBoard regexes are
+    matched with ``re.match``). λ̂ and the loss have charts of their own: TensorBoard draws one y-axis per chart, and
+    their scales have nothing in common. Transitions are drawn in the Images tab (:func:`report_figure`), where onsets
+    and ends can be told apart.
+
+    Args:
+        with_groups: whether the monitor estimates ``param_groups`` (then each group's λ̂ gets a chart beside the full
+            model's).
+    """
+    charts: dict[str, list[Any]] = {
         "LLC (mean, 90% interval)": ["Margin", [names.LLC_MEAN, names.LLC_LOWER, names.LLC_UPPER]],
-        "LLC, transitions marked": ["Multiline", [_exactly(names.LLC_MEAN), _exactly(names.LLC_TRANSITIONS)]],
-        "LLC by component (param_groups)": ["Multiline", [_exactly(names.LLC_MEAN), names.GROUP_MEAN.pattern]],
         "Training loss": ["Multiline", [r"^(train[_/-]?)?loss(_step|_epoch)?$"]],
         "LLC health (1 = healthy)": ["Multiline", [_exactly(names.LLC_HEALTHY)]],
-        "Transitions (onsets and ends, score)": ["Multiline", [f"^{re.escape(names.TRANSITIONS_PREFIX)}.*"]],
     }
-}
-"""The custom-scalars charts written once per run (TensorBoard regexes are matched with ``re.match``). λ̂ and the
-loss have charts of their own: TensorBoard draws one y-axis per chart, and their scales have nothing in common."""
+    if with_groups:
+        charts["LLC by component (param_groups)"] = ["Multiline", [_exactly(names.LLC_MEAN), names.GROUP_MEAN.pattern]]
+    return {"devinterp": charts}
 
 
 def tensorboard_loggers(trainer: pl.Trainer) -> list[TensorBoardLogger]:
@@ -74,16 +80,17 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])
 
 
-def write_run_header(trainer: pl.Trainer, settings: dict[str, Any]) -> None:
+def write_run_header(trainer: pl.Trainer, settings: dict[str, Any], with_groups: bool) -> None:
     """The custom-scalars layout and the monitor's settings as a text table, once per TensorBoard run.
 
     Args:
         trainer: the running Trainer.
         settings: the settings to show, by name.
+        with_groups: whether the monitor estimates ``param_groups``.
     """
     table = markdown_table(["setting", "value"], [[key, value] for key, value in settings.items()])
     for logger in tensorboard_loggers(trainer):
-        logger.experiment.add_custom_scalars(TENSORBOARD_LAYOUT)
+        logger.experiment.add_custom_scalars(tensorboard_layout(with_groups))
         logger.experiment.add_text("devinterp/config", table, global_step=trainer.global_step)
 
 
@@ -219,7 +226,38 @@ def report_susceptibility_heatmap(trainer: pl.Trainer, record: LLCRecord) -> Non
     pyplot().close(figure)
 
 
-_said_once = {"heatmap": False}
+def report_figure(trainer: pl.Trainer, step: int) -> None:
+    """Draw λ̂ beside the training loss, onsets and ends marked (and each group's λ̂ when there are groups), as
+    ``lightning-devinterp plot`` does, from what this run's TensorBoard logs hold so far, into the Images tab at
+    ``step``. Nothing is drawn before the first λ̂ is logged; without matplotlib, say once how to get the picture.
+
+    Args:
+        trainer: the running Trainer.
+        step: the step the picture is filed under.
+    """
+    loggers = tensorboard_loggers(trainer)
+    if not loggers or not trainer.is_global_zero:
+        return
+    for logger in loggers:
+        logger.experiment.flush()
+        runs = {name: scalars for name, scalars in read_runs(logger.log_dir).items() if names.LLC_MEAN in scalars}
+        if not runs:
+            continue
+        try:
+            figure = runs_figure(runs)
+        except ImportError as error:
+            if not _said_once["figure"]:
+                _said_once["figure"] = True
+                rank_zero_info(
+                    f"LLCMonitor: no λ̂ figure in TensorBoard's Images tab ({error}); the scalars are logged."
+                )
+            return
+        logger.experiment.add_figure(names.FIGURE, figure, global_step=step, close=False)
+        logger.experiment.flush()
+        pyplot().close(figure)
+
+
+_said_once = {"heatmap": False, "figure": False}
 """Messages this process has already given (once per process is enough)."""
 
 
@@ -243,12 +281,11 @@ def announce_transition(
     pl_module: pl.LightningModule,
     transition: Transition,
     *,
-    llc_value: float | None,
     on_transition: TransitionHook | None,
     save_checkpoint: bool,
 ) -> None:
-    """Warn once (rank zero; the same text goes to the INFO log), mark the λ̂ chart at ``llc_value``, log the
-    onset or end as a scalar and a text entry, optionally checkpoint, then call the user's hook.
+    """Warn once (rank zero; the same text goes to the INFO log), log the onset or end as a scalar and a text entry,
+    redraw the λ̂ figure with it (:func:`report_figure`), optionally checkpoint, then call the user's hook.
 
     Runs on every rank with the same ``transition`` (decisions are made from gathered values), so the collective
     checkpoint save is safe under DDP.
@@ -257,7 +294,6 @@ def announce_transition(
         trainer: the running Trainer.
         pl_module: the module being trained (passed to the hook).
         transition: the report.
-        llc_value: where the marker goes on the λ̂ chart (None: no marker).
         on_transition: the user's hook, or None.
         save_checkpoint: save a checkpoint at the report.
     """
@@ -265,15 +301,12 @@ def announce_transition(
     rank_zero_warn(message, category=TransitionWarning)
     if trainer.is_global_zero:
         log.info(message)
-    scalars = {names.transition_metric(transition.is_onset): transition.score}
-    if llc_value is not None:
-        scalars[names.LLC_TRANSITIONS] = llc_value
-    log_scalars(trainer, scalars, transition.step)
+    log_scalars(trainer, {names.transition_metric(transition.is_onset): transition.score}, transition.step)
     for logger in tensorboard_loggers(trainer):
         logger.experiment.add_text(
             f"{names.TRANSITIONS_PREFIX}{transition.metric}", message, global_step=transition.step
         )
-        logger.experiment.flush()
+    report_figure(trainer, transition.step)
     if save_checkpoint:
         trainer.save_checkpoint(transition_checkpoint_path(trainer, transition))
     if on_transition is not None:

@@ -112,7 +112,6 @@ class TransitionMonitor(Callback):
                 trainer,
                 pl_module,
                 transition,
-                llc_value=None,
                 on_transition=self.on_transition,
                 save_checkpoint=self.save_checkpoint,
             )

@@ -412,10 +412,6 @@ class LLCTracker:
         words = where_to_look(before.result, after.result)
         return dataclasses.replace(end, where_to_look=words) if words else end
 
-    def llc_marker(self) -> float | None:
-        """Where a transition marker goes on the λ̂ chart: the latest healthy estimate's value (None before one)."""
-        return next((record.llc_mean for record in reversed(self.history) if record.healthy), None)
-
     def state_dict(self) -> dict[str, Any]:
         return {
             "history": [

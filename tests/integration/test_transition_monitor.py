@@ -8,10 +8,12 @@ import lightning.pytorch as pl
 import pytest
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
 
 from lightning_devinterp import LLCMonitor, TransitionDetector, TransitionMonitor, TransitionWarning
 from lightning_devinterp.detection.loss_drops import LossDropDetector
-from tests.helpers.trainers import Regressor, make_trainer, regression_loader
+from lightning_devinterp.metric_names import FIGURE
+from tests.helpers.trainers import QUICK, Regressor, make_trainer, regression_loader
 
 
 class JumpingSignal(Regressor):
@@ -92,3 +94,33 @@ def test_a_llc_series_is_not_called_missing_before_any_healthy_estimate(tmp_path
     assert any(record.healthy and record.step > 0 for record in llc.history)
     missing = [str(w.message) for w in caught if "never logged" in str(w.message)]
     assert len(missing) == 1 and "llc/atn/mean" in missing[0]
+
+
+def chart_titles(events):
+    config = events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0]
+    return [chart.title for category in layout_pb2.Layout.FromString(config).category for chart in category.chart]
+
+
+@pytest.mark.parametrize("param_groups", [None, {"first": "net.0"}])
+def test_tensorboard_shows_each_report_in_a_figure_and_only_charts_with_content(tmp_path, param_groups):
+    """The λ̂ figure goes to the Images tab at each report (here the watched signal's onset and end) and at the end;
+    the custom-scalars layout holds the groups chart only for a run with groups, and no transitions chart (two points
+    there are an empty chart)."""
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    llc = LLCMonitor(every_n_steps=10, param_groups=param_groups, **QUICK)
+    watcher = TransitionMonitor(
+        monitor="signal", detector=LossDropDetector(metric="signal", window=5, lag=10, plateau_steps=10)
+    )
+    pl.seed_everything(0)
+    trainer = make_trainer(tmp_path, [llc, watcher], logger=logger, max_steps=80, log_every_n_steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TransitionWarning)
+        trainer.fit(JumpingSignal(), regression_loader())
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "tensors": 0})
+    events.Reload()
+    assert len(watcher.transitions) == 2
+    assert [image.step for image in events.Images(FIGURE)] == [t.step for t in watcher.transitions] + [80]
+    assert all(image.width > 400 and image.height > 200 for image in events.Images(FIGURE))
+    titles = chart_titles(events)
+    assert ("LLC by component (param_groups)" in titles) == (param_groups is not None)
+    assert not any("ransition" in title for title in titles)

@@ -21,10 +21,17 @@ several ``scales`` k at once (window, lag and plateau times k, the same rate per
 ``drop`` x k over ``lag`` x k steps), each with its own noise; the first to fire reports. The noise of ``R``
 shrinks as k^1.5 relative to the fall it measures, at the price of a later report.
 
-The fall *ends* when ``R`` (at the scale that reported) has stayed below half its threshold for half a lag; the
-next onset needs a new plateau, which may start a lag before ``R`` calmed (the loss had stopped falling there), so a
-stage that follows soon after another is seen. An onset's ``before`` is the plateau's level (the median of its
-smoothed values), ``after`` the smoothed loss now.
+The fall *ends* when ``R`` has stayed below half its threshold, or below :data:`SLOWED` of its fastest rate since
+the onset (a fall that slowed that much has ended, even if a slower stage follows), for half a lag. The series that
+judges it is the one with the finest time resolution among those that saw the fall clearly (a rate past
+:data:`CLEAR` times their onset threshold) or reported it: the every-step loss at its shortest such scale, or the
+fixed-data loss below when its points are at least as close (its lag, or the gap between points if longer), whichever series
+reported the onset. The next onset needs a new plateau, which may start a lag before ``R`` calmed (the loss had
+stopped falling there); and for :data:`RESUME_WINDOW` lags after an end, a pause shorter than a plateau is enough:
+where the loss fell slower than ``drop`` for a while and then speeds up again, at some scale, past that scale's
+threshold and :data:`CONTRAST` times the pause's slowest rate, to ``drop`` below the level at the end, the next
+stage has begun (a staircase). An onset's ``before``
+is the plateau's (or pause's) level (the median of its smoothed values), ``after`` the smoothed loss now.
 
 The noise of ``R`` is the larger of two estimates: the robust spread of successive log-losses (1.4826 x median
 absolute difference / √2) scaled to a ``window``-step running median (x 1.2533 / √window) and to a difference of
@@ -42,7 +49,7 @@ more than ``drop`` over at least ``lag`` steps, below the level of a plateau who
 and ``CONTRAST`` times smaller than the fall. Its noise is that of the weights, not of minibatches, and shows in the series' own calm rates: the fall must
 also exceed their median plus :data:`FIXED_NOISE_Z` robust standard deviations, and a series whose calm rates have
 a median above ``plateau`` (a loss that keeps falling, as Adam's does late in training, in uneven steps whose
-pauses are no plateaus) is not judged at all. Either series may report the onset; the other then waits for the transition's end, which the series that reported it judges.
+pauses are no plateaus) is not judged at all. Either series may report the onset; the other then waits for the transition's end.
 Once the fixed-data loss has left its plateau by a quarter of ``drop``, :attr:`LossDropDetector.leaving_plateau`
 asks for estimates sooner, so the next one confirms the fall.
 
@@ -94,6 +101,15 @@ FIXED_NOISE_Z = 3.0
 
 FIXED_MIN_HISTORY = 4
 """Calm rates of the fixed-data loss needed before they set a noise floor."""
+
+RESUME_WINDOW = 3
+"""For this many lags after a transition's end, a fall that speeds up again is the next stage's onset."""
+
+CLEAR = 2.0
+"""A scale whose rate passed this many times its onset threshold saw the fall clearly enough to judge its end."""
+
+SLOWED = 0.3
+"""A fall whose rate has dropped below this share of its fastest rate (for half a lag) has ended."""
 
 FIXED_DATA_METRIC = LLC_INIT_LOSS
 """The name reports give the fixed-data loss: what :class:`~lightning_devinterp.LLCMonitor` logs L(w*) as."""
@@ -294,6 +310,11 @@ class _FixedData:
         typical = median(history)
         return math.inf if typical > self.plateau else typical + FIXED_NOISE_Z * robust_std(history)
 
+    def resolution(self) -> int:
+        """The steps a fall's end may go unseen: the lag, or the gap between the last two points if longer."""
+        gap = self.points[-1][0] - self.points[-2][0] if len(self.points) > 1 else self.lag
+        return max(self.lag, gap)
+
     def rate(self) -> float | None:
         """The fall per ``lag`` steps from the latest point at least ``lag`` steps back to the newest one (over a
         longer gap, scaled down to ``lag`` steps); None without such a point.
@@ -412,6 +433,7 @@ class LossDropDetector:
         self._onset: dict[str, Any] | None = None
         self._calm_since: int | None = None
         self._not_before = -(2**62)
+        self._resume: dict[str, Any] | None = None
 
     @property
     def in_transition(self) -> bool:
@@ -471,12 +493,15 @@ class LossDropDetector:
             self._since_spread += 1
         self._last = (int(step), log_value)
         rates = [scale.add(step, log_value, calm=self._onset is None) for scale in self._scales]
-        if self._onset is not None and self._onset["scale"] is None:
-            return None
         if self._onset is not None:
-            scale = self._scales[self._onset["scale"]]
-            rate = rates[self._onset["scale"]]
+            judge = self._judge(rates)
+            if judge is None:
+                return None
+            scale, rate = self._scales[judge], rates[judge]
             return None if rate is None else self._follow(step, scale, rate)
+        resumed = self._resumed_fall(step, rates)
+        if resumed is not None:
+            return resumed
         for index, (scale, rate) in enumerate(zip(self._scales, rates)):
             if rate is None:
                 continue
@@ -505,11 +530,18 @@ class LossDropDetector:
                 self._fixed.remember(self._fixed.rate())
                 return None
             return self._begin_fixed(int(step), *plateau)
-        if self._onset["scale"] is not None:
+        rate = self._fixed.rate()
+        if rate is not None:
+            self._onset["fixed_peak"] = max(self._onset.get("fixed_peak", 0.0), rate)
+            if rate > max(self.drop, self._fixed.noise_floor()):
+                self._onset["fixed_saw"] = True
+        if self._onset.get("judge", self._onset["scale"]) is not None:
             return None
-        if not self._calmed(int(step), self._fixed.rate(), self.drop, self.lag):
+        if not self._calmed(int(step), rate, self.drop, self.lag, self._onset.get("fixed_peak", 0.0)):
             return None
-        return self._end(int(step), self._fixed.points[-1][1], self.lag, self._onset["band"], FIXED_DATA_METRIC)
+        reporter = self._onset["scale"]
+        noise = self._onset["band"] if reporter is None else self._scales[reporter].noise(self._spread())
+        return self._end(int(step), self._fixed.points[-1][1], self.lag, noise, FIXED_DATA_METRIC)
 
     def _begin_fixed(self, step: int, band: float, level: float) -> Transition:
         """An onset seen on the fixed-data loss; ``before`` is its plateau's level, ``after`` its value now."""
@@ -531,10 +563,31 @@ class LossDropDetector:
             evidence="loss drop",
         )
 
-    def _begin(self, step: int, index: int, scale: _Scale, rate: float, level: float) -> Transition:
-        """An onset; ``before`` is the plateau's level, ``after`` the smoothed loss now."""
+    def _resumed_fall(self, step: int, rates: list[float | None]) -> Transition | None:
+        """The onset of the next stage of a staircase: within :data:`RESUME_WINDOW` lags of a transition's end, after
+        a pause in which the loss fell slower than ``drop`` at some scale, it falls fast again at that scale (the
+        finest first): at more than that scale's ``drop``, its noise threshold and :data:`CONTRAST` times the pause's
+        slowest rate, and to that scale's ``drop`` below its level at the end. A pause shorter than a plateau is no
+        plateau for the rule of the module docstring, but a fall that stopped and speeds up again is the next stage.
+        """
+        if self._resume is None or self.direction != "down":
+            return None
+        for index, (scale, rate, pause) in enumerate(zip(self._scales, rates, self._resume["scales"])):
+            if rate is None or pause is None or step - self._resume["step"] > RESUME_WINDOW * scale.lag:
+                continue
+            pause["slowest"] = min(pause["slowest"], rate)
+            fast = max(scale.drop, self._threshold(scale), CONTRAST * max(pause["slowest"], 0.0))
+            paused = pause["slowest"] < scale.drop
+            if paused and rate > fast and pause["level"] - scale.smoothed[-1][1] > scale.drop:
+                return self._begin(step, index, scale, rate, pause["level"], after="after it had slowed to a pause")
+        return None
+
+    def _begin(
+        self, step: int, index: int, scale: _Scale, rate: float, level: float, after: str | None = None
+    ) -> Transition:
+        """An onset; ``before`` is the plateau's (or pause's) level, ``after`` the smoothed loss now."""
         self._onset = {"step": step, "scale": index, "level": level, "sign": 1.0 if rate > 0 else -1.0}
-        self._calm_since = None
+        self._calm_since, self._resume = None, None
         noise = scale.noise(self._spread())
         return Transition(
             step=step,
@@ -545,22 +598,51 @@ class LossDropDetector:
             direction="down" if rate > 0 else "up",
             reason=(
                 f"onset: {self.metric} {'fell' if rate > 0 else 'rose'} by {abs(1.0 - math.exp(-rate)):.0%} in {scale.lag} steps "
-                f"after a plateau of at least {scale.plateau_steps} steps"
+                + (after or f"after a plateau of at least {scale.plateau_steps} steps")
             ),
             evidence="loss drop",
         )
 
+    def _judge(self, rates: list[float | None]) -> int | None:
+        """The series that judges the end of the transition under way: of those whose rate has passed :data:`CLEAR`
+        times its onset threshold since the onset (or that reported it), the one with the finest time resolution (a scale's lag; the
+        fixed-data loss's lag or the gap between its points, if longer), the every-step loss on a tie. Its index
+        among the scales, or None for the fixed-data loss. Remembers each scale's fastest rate since the onset.
+        """
+        assert self._onset is not None
+        peaks, saw = self._onset.setdefault("peaks", [0.0] * len(rates)), self._onset.setdefault("saw", [])
+        for index, (scale, rate) in enumerate(zip(self._scales, rates)):
+            if rate is None:
+                continue
+            signed = self._onset["sign"] * rate
+            peaks[index] = max(peaks[index], signed)
+            if index not in saw and signed > CLEAR * max(scale.drop, self._threshold(scale)):
+                saw.append(index)
+        candidates: list[tuple[int, int, int | None]] = [(self._scales[index].lag, 0, index) for index in saw]
+        if self._onset["scale"] is not None:
+            candidates.append((self._scales[self._onset["scale"]].lag, 0, self._onset["scale"]))
+        if self._onset.get("fixed_saw") or self._onset["scale"] is None:
+            candidates.append((self._fixed.resolution(), 1, None))
+        judge: int | None = min(candidates, key=lambda candidate: candidate[:2])[2]
+        if judge != self._onset.get("judge", self._onset["scale"]):
+            self._calm_since = None
+        self._onset["judge"] = judge
+        return judge
+
     def _follow(self, step: int, scale: _Scale, rate: float) -> Transition | None:
-        if not self._calmed(step, rate, scale.drop, scale.lag):
+        assert self._onset is not None
+        peak = self._onset["peaks"][self._scales.index(scale)]
+        if not self._calmed(step, rate, scale.drop, scale.lag, peak):
             return None
         return self._end(step, scale.smoothed[-1][1], scale.lag, scale.noise(self._spread()), self.metric)
 
-    def _calmed(self, step: int, rate: float | None, drop: float, lag: int) -> bool:
-        """Whether the series that reported the transition under way has fallen at less than half its threshold
-        ``drop`` for half a ``lag`` (a missing ``rate`` counts as calm); remembers since when.
+    def _calmed(self, step: int, rate: float | None, drop: float, lag: int, peak: float) -> bool:
+        """Whether the judging series has fallen at less than half its threshold ``drop``, or less than
+        :data:`SLOWED` of its fastest rate since the onset (``peak``: a fall that slowed that much has ended, even if
+        a slower stage follows), for half a ``lag`` (a missing ``rate`` counts as calm); remembers since when.
         """
         assert self._onset is not None
-        if rate is not None and self._onset["sign"] * rate >= drop / 2:
+        if rate is not None and self._onset["sign"] * rate >= max(drop / 2, SLOWED * peak):
             self._calm_since = None
             return False
         if self._calm_since is None:
@@ -574,6 +656,15 @@ class LossDropDetector:
         """
         assert self._onset is not None and self._calm_since is not None
         self._not_before = self._calm_since - lag
+        self._resume = {
+            "step": step,
+            "scales": [
+                {"level": each.smoothed[-1][1], "slowest": min((rate for _, rate in each.rates), default=math.inf)}
+                if each.smoothed
+                else None
+                for each in self._scales
+            ],
+        }
         onset, self._onset, self._calm_since = self._onset, None, None
         for each in self._scales:
             each.forget_rates()
@@ -600,6 +691,7 @@ class LossDropDetector:
             "onset": dict(self._onset) if self._onset is not None else None,
             "calm_since": self._calm_since,
             "not_before": self._not_before,
+            "resume": self._resume,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -613,3 +705,4 @@ class LossDropDetector:
         self._onset = dict(state["onset"]) if state["onset"] is not None else None
         self._calm_since = state["calm_since"]
         self._not_before = state["not_before"]
+        self._resume = state.get("resume")

@@ -158,3 +158,59 @@ def test_loss_detector_state_round_trip_with_fixed_data():
 def test_bad_loss_detector_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LossDropDetector(**kwargs)
+
+
+def staircase(rng, stages, steps, noise=0.3):
+    """A minibatch loss falling by ``fall`` (log units) over each ``(start, duration, fall)`` stage, flat between."""
+    t = np.arange(steps)
+    log_loss = np.zeros(steps)
+    for start, duration, fall in stages:
+        log_loss -= fall * np.clip((t - start) / duration, 0, 1)
+    return t.tolist(), np.exp(log_loss + rng.normal(0, noise, steps)).tolist()
+
+
+def test_stages_a_short_pause_apart_each_get_an_onset_and_an_end():
+    """Three falls of 10x over 100 steps, 150-step pauses between: each fall is closed when it stops, and the next
+    one is a stage of its own (a pause shorter than a plateau is enough once a fall has ended)."""
+    rng = np.random.default_rng(7)
+    found = 0
+    for _ in range(20):
+        events = run_loss(*staircase(rng, [(500, 100, 2.3), (750, 100, 2.3), (1000, 100, 2.3)], steps=1500))
+        onsets = [e.step for e in events if e.is_onset]
+        ends = [e.step for e in events if not e.is_onset]
+        found += (
+            [e.is_onset for e in events] == [True, False] * 3
+            and all(start <= onset <= start + 100 for start, onset in zip((500, 750, 1000), onsets))
+            and all(stop <= end <= stop + 175 for stop, end in zip((600, 850, 1100), ends))
+        )
+    assert found >= 19
+
+
+def test_a_slow_stage_after_a_fast_one_is_a_stage_and_the_first_ends_first():
+    """A fall of 10x in 100 steps, a 100-step pause, then a fall of 25% per 100 steps for 800 steps (under this noise
+    only the longer time scales see it, so its onset comes up to 300 steps in)."""
+    rng = np.random.default_rng(8)
+    found = 0
+    for _ in range(20):
+        events = run_loss(*staircase(rng, [(500, 100, 2.3), (700, 800, 2.0)], steps=2300))
+        found += (
+            [e.is_onset for e in events] == [True, False, True, False]
+            and events[1].step <= 775
+            and 700 <= events[2].step <= 1000
+        )
+    assert found >= 19
+
+
+def test_the_end_of_a_fall_first_seen_on_the_fixed_data_is_judged_on_the_every_step_loss():
+    """The fixed-data loss at dense estimates (every 25 steps) reports the onset; the every-step loss, which sees
+    the fall clearly too and resolves time as finely, judges its end, within 150 steps of it."""
+    rng = np.random.default_rng(9)
+    for _ in range(10):
+        steps, minibatch = staircase(rng, [(1000, 200, 2.0)], steps=2000, noise=0.2)
+
+        def exact(step):
+            return math.exp(-2.0 * min(max(step - 1000, 0), 200) / 200)
+
+        onset, end = run_both(steps, minibatch, exact, every=25)
+        assert onset.metric == FIXED_DATA_METRIC and end.metric == "train_loss"
+        assert 1200 <= end.step <= 1350

@@ -9,6 +9,15 @@ Families with staged learning (each loss drop after a plateau is a transition):
 - ``parity``: an MLP learning a 3-sparse parity of 30 bits (Barak et al. 2022): a long plateau at the loss of
   chance, then a sudden drop once the relevant coordinates are found. Chosen as the third family because its
   staged behaviour is well documented, it fits a CPU in seconds, and its drop is gentler than the other two.
+- ``stairs``: a staircase: two-layer linear networks from a very small initialisation learn a rank-3 or rank-4
+  teacher mode by mode, each stage slower than the one before, with the pause before each next stage drawn from
+  80 to 400 steps in gradient flow (the teacher's singular values are solved for it; measured between 10% and 90%
+  learnt, the pauses of the recorded runs range from 20 to 650 steps, median 285); half the seeds are watched under
+  an explicit schedule (``every_n_steps`` from 50 to 200), the others under the default.
+
+Both linear families record each teacher mode's part of the loss, and their ground truth takes each stage from it
+(:func:`~benchmarks.transitions.ground_truth.stages`): a pause shorter than the ground-truth rule's 100-step plateau
+would otherwise merge two stages into one episode.
 
 Controls, where every report is a false alarm:
 - ``linear``: linear regression from its default initialisation (a regular model: the loss decays smoothly);
@@ -20,6 +29,8 @@ Controls, where every report is a false alarm:
 
 from __future__ import annotations
 
+import functools
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +41,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
-FAMILIES = ("dln", "tms", "parity")
+FAMILIES = ("dln", "tms", "parity", "stairs")
 CONTROLS = ("linear", "finetune", "digits", "noisy")
 
 
@@ -66,6 +77,10 @@ class Spec:
     steps: int
     batch_size: int
     build: Callable[[], tuple[Trainee, TensorDataset]]
+    every_n_steps: int | None = None
+    """An explicit schedule for the monitor (no denser estimates around transitions); None: the default's."""
+    stage_losses: Callable[[nn.Module], list[float]] | None = None
+    """Each stage's own part of the full-set loss (its ground truth), where the family knows them."""
 
     @property
     def key(self) -> str:
@@ -89,12 +104,11 @@ def _dln(seed: int) -> Spec:
     lr = rng.choice([2e-3, 3e-3, 5e-3])
     singular = [4.0 / 2**k for k in range(rank)]
     steps = 4000
+    left, teacher = _teacher(torch.Generator().manual_seed(seed), width, singular)
 
     def build() -> tuple[Trainee, TensorDataset]:
         generator = torch.Generator().manual_seed(seed)
-        left = torch.linalg.qr(torch.randn(width, width, generator=generator))[0]
-        right = torch.linalg.qr(torch.randn(width, width, generator=generator))[0]
-        teacher = left[:, :rank] @ torch.diag(torch.tensor(singular)) @ right[:, :rank].T
+        _teacher(generator, width, singular)
         x = torch.randn(2000, width, generator=generator)
         data = TensorDataset(x, x @ teacher.T + 0.1 * torch.randn(2000, width, generator=generator))
         torch.manual_seed(seed)
@@ -104,7 +118,85 @@ def _dln(seed: int) -> Spec:
                 layer.weight.normal_(0.0, init)
         return Trainee(net, _regression_loss, lr), data
 
-    return Spec("dln", f"depth {depth}, width {width}, rank {rank}, init {init:g}, lr {lr:g}", seed, steps, 100, build)
+    name = f"depth {depth}, width {width}, rank {rank}, init {init:g}, lr {lr:g}"
+    return Spec("dln", name, seed, steps, 100, build, stage_losses=_mode_losses(left, teacher, rank))
+
+
+def _teacher(generator: torch.Generator, width: int, singular: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random teacher map with these singular values, and its left singular vectors (as columns)."""
+    left = torch.linalg.qr(torch.randn(width, width, generator=generator))[0]
+    right = torch.linalg.qr(torch.randn(width, width, generator=generator))[0]
+    rank = len(singular)
+    return left, left[:, :rank] @ torch.diag(torch.tensor(singular)) @ right[:, :rank].T
+
+
+def _mode_losses(left: torch.Tensor, teacher: torch.Tensor, rank: int) -> Callable[[nn.Module], list[float]]:
+    """½|u_k^T (teacher - network)|² for each teacher mode k: its part of the loss on whitened inputs (a linear
+    network's stages are its modes).
+    """
+
+    def stage_losses(net: nn.Module) -> list[float]:
+        product = functools.reduce(lambda total, layer: layer.weight @ total, net, torch.eye(teacher.shape[1]))
+        residual = teacher - product
+        return [float(0.5 * (left[:, k] @ residual).pow(2).sum()) for k in range(rank)]
+
+    return stage_losses
+
+
+STAIR_PLATEAUS = (80, 400)
+"""The range the plateaus between a staircase's stages are drawn from (steps)."""
+
+
+def _mode_times(singular: float, start: float, lr: float) -> tuple[float, float]:
+    """When a two-layer linear network's mode of strength ``singular``, from ``start``, is 10% and 90% learnt (full
+    batch gradient flow on whitened inputs: u(t) = s / (1 + (s/u0 - 1) exp(-2 lr s t))).
+    """
+    half = math.log(singular / start - 1) / (2 * lr * singular)
+    spread = math.log(9) / (2 * lr * singular)
+    return half - spread, half + spread
+
+
+def _staircase_singular_values(rng: random.Random, first: float, rank: int, start: float, lr: float) -> list[float]:
+    """Singular values from ``first`` down, each solved (by bisection) so that its mode starts a plateau drawn from
+    :data:`STAIR_PLATEAUS` after the previous mode has finished.
+    """
+    singular = [first]
+    for _ in range(rank - 1):
+        plateau = rng.uniform(*STAIR_PLATEAUS)
+        previous_end = _mode_times(singular[-1], start, lr)[1]
+        low, high = 1e-3, singular[-1]
+        for _ in range(60):
+            middle = (low + high) / 2
+            low, high = (middle, high) if _mode_times(middle, start, lr)[0] - previous_end > plateau else (low, middle)
+        singular.append((low + high) / 2)
+    return singular
+
+
+def _stairs(seed: int) -> Spec:
+    rng = random.Random(seed)
+    width, rank = rng.choice([6, 8]), rng.choice([3, 4])
+    lr, init = rng.choice([0.004, 0.006]), rng.choice([1e-4, 3e-4, 1e-3])
+    singular = _staircase_singular_values(rng, rng.uniform(2.5, 4.0), rank, init**2 * math.sqrt(width), lr)
+    every = rng.choice([50, 100, 150, 200]) if seed % 4 >= 2 else None
+    steps = int(_mode_times(singular[-1], init**2 * math.sqrt(width), lr)[1] * 1.15) + 300
+    left, teacher = _teacher(torch.Generator().manual_seed(seed), width, singular)
+
+    def build() -> tuple[Trainee, TensorDataset]:
+        generator = torch.Generator().manual_seed(seed + 1)
+        x = torch.randn(2000, width, generator=generator)
+        data = TensorDataset(x, x @ teacher.T + 0.1 * torch.randn(2000, width, generator=generator))
+        torch.manual_seed(seed)
+        net = nn.Sequential(nn.Linear(width, width, bias=False), nn.Linear(width, width, bias=False))
+        with torch.no_grad():
+            for layer in net:
+                layer.weight.normal_(0.0, init)
+        return Trainee(net, _regression_loss, lr), data
+
+    schedule = f"every {every} steps" if every else "default schedule"
+    name = f"width {width}, singular values {', '.join(f'{v:.2f}' for v in singular)}, init {init:g}, lr {lr:g}, {schedule}"
+    return Spec(
+        "stairs", name, seed, steps, 100, build, every_n_steps=every, stage_losses=_mode_losses(left, teacher, rank)
+    )
 
 
 class ToyModel(nn.Module):
@@ -212,6 +304,7 @@ BUILDERS: dict[str, Callable[[int], Spec]] = {
     "dln": _dln,
     "tms": _tms,
     "parity": _parity,
+    "stairs": _stairs,
     "linear": _linear,
     "finetune": _finetune,
     "digits": _digits,

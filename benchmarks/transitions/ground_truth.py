@@ -12,6 +12,13 @@ guard, on the loss over the whole training set recorded every 10 steps):
   threshold: where the fall became visible) and *ends* at the last step of the stretch with R > 0.05;
 - the next episode needs a new plateau. A loss that decays smoothly from initialisation has no plateau before its
   fall and so no episode: every report on such a run is a false alarm.
+
+Where a family knows each stage's own part of the loss (deep linear networks and the staircases: each teacher
+mode's squared error), :func:`stages` takes each stage from it instead, so that stages a short plateau apart stay
+two. A stage runs from 10% to 90% learnt, in the part's residual amplitude (the square root of its excess over its
+final value: for a linear mode, how much of the mode is still missing). It counts only if the full-set loss falls by
+at least the threshold (0.1 in log) over it, and only inside an episode of the rule above (which says where the loss
+falls after a plateau; the stages split an episode that holds several), not before step 250. Overlapping stages merge.
 """
 
 from __future__ import annotations
@@ -74,3 +81,39 @@ def episodes(full_loss: list[tuple[int, float]]) -> list[Episode]:
             continue
         index += 1
     return found
+
+
+EARLIEST = WINDOW + LAG + PLATEAU_STEPS
+"""No stage counts before this step, as no episode does."""
+
+STAGE_START, STAGE_END = 0.1, 0.9
+"""A stage runs from this share learnt to this one (in residual amplitude)."""
+
+
+def stages(stage_losses: list[tuple[int, list[float]]], full_loss: list[tuple[int, float]]) -> list[Episode]:
+    """One episode per stage that the full-set loss shows (see the module docstring), in order; overlapping stages
+    are merged.
+    """
+    full = dict(full_loss)
+    visible: list[Episode] = []
+    for part in range(len(stage_losses[0][1])):
+        series = [(step, values[part]) for step, values in stage_losses]
+        first, last = series[0][1], series[-1][1]
+        start, end = (
+            next((step for step, value in series if value - last < (1 - share) ** 2 * (first - last)), None)
+            for share in (STAGE_START, STAGE_END)
+        )
+        if start is not None and end is not None and math.log(full[start] / full[end]) >= DROP:
+            visible.append(Episode(trigger=start, start=start, end=end))
+    merged: list[Episode] = []
+    for episode in sorted(visible, key=lambda e: e.start):
+        if merged and episode.start <= merged[-1].end:
+            merged[-1] = Episode(merged[-1].trigger, merged[-1].start, max(merged[-1].end, episode.end))
+        else:
+            merged.append(episode)
+    falls = episodes(full_loss)
+    return [
+        stage
+        for stage in merged
+        if stage.start >= EARLIEST and any(stage.start <= fall.end and fall.start <= stage.end for fall in falls)
+    ]

@@ -1,5 +1,6 @@
 """Record benchmark runs: a real Trainer.fit with LLCMonitor estimating λ̂ on a dense grid (every 25 steps), the
-minibatch loss at every step, and the full-training-set loss every 10 steps (the ground truth's source).
+minibatch loss at every step, and the full-training-set loss every 10 steps (the ground truth's source), with each
+stage's own part of it where the family knows them (the staircases).
 
 Any schedule of estimates (the default's 100-step baseline, with or without densification around transitions)
 can then be replayed from the grid, since the monitor's estimate at a step depends only on the step, not on the
@@ -10,11 +11,13 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from benchmarks.transitions.families import Spec
@@ -30,14 +33,17 @@ RECORDED = Path(__file__).resolve().parent / "recorded"
 
 
 class Recorder(pl.Callback):
-    def __init__(self, data: Any) -> None:
-        self.data = data
+    def __init__(self, data: Any, stage_losses: Callable[[nn.Module], list[float]] | None = None) -> None:
+        self.data, self.stage_losses = data, stage_losses
         self.minibatch: list[tuple[int, float]] = []
         self.full: list[tuple[int, float]] = []
+        self.stages: list[tuple[int, list[float]]] = []
 
     def _full_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         with torch.no_grad():
             self.full.append((trainer.global_step, float(pl_module.loss(pl_module.net, self.data.tensors))))
+            if self.stage_losses is not None:
+                self.stages.append((trainer.global_step, self.stage_losses(pl_module.net)))
 
     def on_train_start(self, trainer, pl_module) -> None:  # type: ignore[no-untyped-def]
         self._full_loss(trainer, pl_module)
@@ -58,7 +64,7 @@ def record(spec: Spec, directory: Path = RECORDED) -> dict[str, Any]:
     monitor = LLCMonitor(
         every_n_steps=GRID, num_chains=4, num_burnin_steps=10, num_draws=40, detector=False, seed=spec.seed
     )
-    recorder = Recorder(data)
+    recorder = Recorder(data, spec.stage_losses)
     trainer = pl.Trainer(
         max_steps=spec.steps,
         callbacks=[monitor, recorder],
@@ -78,6 +84,8 @@ def record(spec: Spec, directory: Path = RECORDED) -> dict[str, Any]:
         "steps": spec.steps,
         "minibatch_loss": recorder.minibatch,
         "full_loss": recorder.full,
+        "every_n_steps": spec.every_n_steps,
+        **({"stage_losses": recorder.stages} if spec.stage_losses is not None else {}),
         "llc": [
             {
                 "step": r.step,

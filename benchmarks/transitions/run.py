@@ -49,7 +49,8 @@ def main() -> None:
         recorded = list(pool.map(_record, runs))
     agree = "  agree" if args.offline else ""
     print(
-        f"{'family':<10} {'split':<9} {'runs':>4} {'episodes':>8} {'recall':>7} {'false/run':>9} {'latency':>8} {'impossible':>10}{agree}"
+        f"{'family':<10} {'split':<9} {'runs':>4} {'episodes':>8} {'recall':>7} {'false/run':>9} {'latency':>8} "
+        f"{'end lat.':>8} {'impossible':>10}{agree}"
     )
     for family in args.families:
         for part in ("tuning", "held-out", "fresh", "latest"):

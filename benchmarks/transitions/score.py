@@ -3,7 +3,8 @@
 The replay is what ``LLCMonitor()`` does online: the minibatch loss at every step goes to
 :class:`~lightning_devinterp.detection.combined.TransitionEvidence`, and λ̂ estimates arrive every ``baseline``
 steps (from step ``baseline`` on), plus every 25 steps while the evidence asks for dense estimates (densify).
-Each estimate comes with L(w*), the loss on the monitor's data, which for these runs (whose data fits the
+A run recorded with an explicit schedule (``every_n_steps``, the staircases) is replayed with it: estimates every
+that many steps and no denser ones. Each estimate comes with L(w*), the loss on the monitor's data, which for these runs (whose data fits the
 monitor's cache) is the loss over the whole training set: the replay takes the full-set loss recorded at or
 before the estimate's step (every 10 steps, so up to 5 steps stale at the dense steps: never earlier than the
 monitor's). ``fixed_loss=False`` replays without it.
@@ -13,6 +14,7 @@ Metrics per family, for reports (onsets) only:
   start minus one estimation interval (``baseline``) and its end plus 150 steps;
 - false reports per run: reports that found no episode (on control runs, every report);
 - median latency: from an episode's start to its report, over found episodes;
+- median end latency: from an episode's end to the first end report after its onset, over found episodes;
 - impossible: the share of reports whose ``before`` lies outside the range of values the series showed so far.
 """
 
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from benchmarks.transitions.families import CONTROLS
-from benchmarks.transitions.ground_truth import Episode, episodes
+from benchmarks.transitions.ground_truth import Episode, episodes, stages
 from benchmarks.transitions.record import GRID
 from lightning_devinterp.detection.combined import TransitionEvidence, detect_transitions
 from lightning_devinterp.detection.level_shifts import LevelShiftDetector
@@ -124,29 +126,48 @@ class Score:
     reports: int = 0
     impossible: int = 0
     latencies: list[int] = field(default_factory=list)
+    end_latencies: list[int] = field(default_factory=list)
 
     def add(self, other: Score) -> None:
         for name in ("runs", "episodes", "found", "false", "reports", "impossible"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.latencies += other.latencies
+        self.end_latencies += other.end_latencies
 
     def row(self) -> str:
         recall = f"{self.found / self.episodes:.0%}" if self.episodes else "-"
-        latency = f"{statistics.median(self.latencies):.0f}" if self.latencies else "-"
+        latency, end_latency = (
+            f"{statistics.median(values):.0f}" if values else "-" for values in (self.latencies, self.end_latencies)
+        )
         impossible = f"{self.impossible / self.reports:.0%}" if self.reports else "-"
-        return f"{self.runs:>4} {self.episodes:>8} {recall:>7} {self.false / max(self.runs, 1):>9.2f} {latency:>8} {impossible:>10}"
+        return (
+            f"{self.runs:>4} {self.episodes:>8} {recall:>7} {self.false / max(self.runs, 1):>9.2f} {latency:>8} "
+            f"{end_latency:>8} {impossible:>10}"
+        )
+
+
+def ground_truth(series: dict[str, Any]) -> list[Episode]:
+    """The run's episodes: none on a control, each stage's own where they were recorded, else the full-set loss's."""
+    if series["family"] in CONTROLS:
+        return []
+    if "stage_losses" in series:
+        return stages(series["stage_losses"], series["full_loss"])
+    return episodes(series["full_loss"])
 
 
 def score_run(series: dict[str, Any], post_hoc: bool = False, **replay_kwargs: Any) -> Score:
     """Score the monitor's reports (or, ``post_hoc``, those of :func:`offline`) on one run. A control run has no
     episode by definition: every report there is a false alarm.
     """
-    truth: list[Episode] = [] if series["family"] in CONTROLS else episodes(series["full_loss"])
+    truth = ground_truth(series)
+    if series.get("every_n_steps"):
+        replay_kwargs = {**replay_kwargs, "baseline": series["every_n_steps"], "densify": False}
     if post_hoc:
         reports, seen = offline(series, replay_kwargs.get("baseline", 100))
     else:
         reports, seen = replay(series, **{"loss_settings": {}, "llc_settings": {}, **replay_kwargs})
     onsets = [report for report in reports if report.is_onset]
+    ends = [report for report in reports if not report.is_onset]
     result = Score(runs=1, episodes=len(truth), reports=len(onsets))
     unused = list(onsets)
     for episode in truth:
@@ -155,6 +176,9 @@ def score_run(series: dict[str, Any], post_hoc: bool = False, **replay_kwargs: A
             unused.remove(match)
             result.found += 1
             result.latencies.append(match.step - episode.start)
+            end = next((report for report in ends if report.step > match.step), None)
+            if end is not None:
+                result.end_latencies.append(end.step - episode.end)
     result.false = len(unused)
     losses = series["minibatch_loss"]
     for report in onsets:

@@ -22,16 +22,16 @@ several ``scales`` k at once (window, lag and plateau times k, the same rate per
 shrinks as k^1.5 relative to the fall it measures, at the price of a later report.
 
 The fall *ends* when ``R`` has stayed below half its threshold, or below :data:`SLOWED` of its fastest rate since
-the onset (a fall that slowed that much has ended, even if a slower stage follows), for half a lag. The series that
-judges it is the one with the finest time resolution among those that saw the fall clearly (a rate past
-:data:`CLEAR` times their onset threshold) or reported it: the every-step loss at its shortest such scale, or the
-fixed-data loss below when its points are at least as close (its lag, or the gap between points if longer), whichever series
-reported the onset. The next onset needs a new plateau, which may start a lag before ``R`` calmed (the loss had
-stopped falling there); and for :data:`RESUME_WINDOW` lags after an end, a pause shorter than a plateau is enough:
-where the loss fell slower than ``drop`` for a while and then speeds up again, at some scale, past that scale's
-threshold and :data:`CONTRAST` times the pause's slowest rate, to ``drop`` below the level at the end, the next
-stage has begun (a staircase). An onset's ``before``
-is the plateau's (or pause's) level (the median of its smoothed values), ``after`` the smoothed loss now.
+the onset (a fall that slowed that much has ended, even if a slower stage follows), for half a lag. Whichever series
+reported the onset, the end is judged by the one with the finest time resolution among those that saw the fall
+clearly (a rate past :data:`CLEAR` times their onset threshold) or reported it: the every-step loss at its shortest
+such scale, or the fixed-data loss below when its points are at least as close (its lag, or the gap between points
+if longer). The next onset needs a new plateau, which may start a lag before ``R`` calmed (the loss had stopped
+falling there); and for :data:`RESUME_WINDOW` lags after an end, a pause shorter than a plateau is enough: where the
+loss fell slower than ``drop`` for a while and then speeds up again, at some scale, past that scale's threshold and
+:data:`CONTRAST` times the pause's slowest rate, to ``drop`` below the level at the end, the next stage has begun (a
+staircase). An onset's ``before`` is the plateau's (or pause's) level (the median of its smoothed values), ``after``
+the smoothed loss now.
 
 The noise of ``R`` is the larger of two estimates: the robust spread of successive log-losses (1.4826 x median
 absolute difference / √2) scaled to a ``window``-step running median (x 1.2533 / √window) and to a difference of
@@ -59,6 +59,7 @@ transitions benchmark (``benchmarks/transitions``) defines its ground truth.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import deque
 from collections.abc import Sequence
@@ -605,9 +606,10 @@ class LossDropDetector:
 
     def _judge(self, rates: list[float | None]) -> int | None:
         """The series that judges the end of the transition under way: of those whose rate has passed :data:`CLEAR`
-        times its onset threshold since the onset (or that reported it), the one with the finest time resolution (a scale's lag; the
-        fixed-data loss's lag or the gap between its points, if longer), the every-step loss on a tie. Its index
-        among the scales, or None for the fixed-data loss. Remembers each scale's fastest rate since the onset.
+        times its onset threshold since the onset (or that reported it), the one with the finest time resolution (a
+        scale's lag; the fixed-data loss's lag or the gap between its points, if longer), the every-step loss on a
+        tie. Its index among the scales, or None for the fixed-data loss. Remembers each scale's fastest rate since
+        the onset.
         """
         assert self._onset is not None
         peaks, saw = self._onset.setdefault("peaks", [0.0] * len(rates)), self._onset.setdefault("saw", [])
@@ -688,10 +690,10 @@ class LossDropDetector:
             "scales": [scale.state() for scale in self._scales],
             "fixed": [list(p) for p in self._fixed.points],
             "fixed_calm": self._fixed.calm.state(),
-            "onset": dict(self._onset) if self._onset is not None else None,
+            "onset": copy.deepcopy(self._onset),
             "calm_since": self._calm_since,
             "not_before": self._not_before,
-            "resume": self._resume,
+            "resume": copy.deepcopy(self._resume),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -702,7 +704,7 @@ class LossDropDetector:
             scale.load(saved)
         self._fixed.points.extend((int(s), float(v)) for s, v in state.get("fixed", []))
         self._fixed.calm.load(state.get("fixed_calm", {}))
-        self._onset = dict(state["onset"]) if state["onset"] is not None else None
+        self._onset = copy.deepcopy(state["onset"])
         self._calm_since = state["calm_since"]
         self._not_before = state["not_before"]
-        self._resume = state.get("resume")
+        self._resume = copy.deepcopy(state.get("resume"))

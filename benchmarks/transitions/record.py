@@ -1,6 +1,6 @@
 """Record benchmark runs: a real Trainer.fit with LLCMonitor estimating λ̂ on a dense grid (every 25 steps), the
 minibatch loss at every step, and the full-training-set loss every 10 steps (the ground truth's source), with each
-stage's own part of it where the family knows them (the staircases).
+stage's own part of it where the family knows them (the linear networks' teacher modes).
 
 Any schedule of estimates (the default's 100-step baseline, with or without densification around transitions)
 can then be replayed from the grid, since the monitor's estimate at a step depends only on the step, not on the

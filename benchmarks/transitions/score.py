@@ -4,10 +4,10 @@ The replay is what ``LLCMonitor()`` does online: the minibatch loss at every ste
 :class:`~lightning_devinterp.detection.combined.TransitionEvidence`, and λ̂ estimates arrive every ``baseline``
 steps (from step ``baseline`` on), plus every 25 steps while the evidence asks for dense estimates (densify).
 A run recorded with an explicit schedule (``every_n_steps``, the staircases) is replayed with it: estimates every
-that many steps and no denser ones. Each estimate comes with L(w*), the loss on the monitor's data, which for these runs (whose data fits the
-monitor's cache) is the loss over the whole training set: the replay takes the full-set loss recorded at or
-before the estimate's step (every 10 steps, so up to 5 steps stale at the dense steps: never earlier than the
-monitor's). ``fixed_loss=False`` replays without it.
+that many steps and no denser ones. Each estimate comes with L(w*), the loss on the monitor's data, which for these
+runs (whose data fits the monitor's cache) is the loss over the whole training set: the replay takes the full-set
+loss recorded at or before the estimate's step (every 10 steps, so up to 5 steps stale at the dense steps: never
+earlier than the monitor's). ``fixed_loss=False`` replays without it.
 
 Metrics per family, for reports (onsets) only:
 - recall: an episode counts as found when a report of its own (each report serves one episode) lies between its

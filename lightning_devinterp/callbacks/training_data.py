@@ -9,10 +9,9 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from torch.utils._pytree import tree_flatten
 from torch.utils.data import DataLoader, IterableDataset
 
-from lightning_devinterp.sampling.data import MinibatchSource
+from lightning_devinterp.sampling.data import MinibatchSource, batch_length
 from lightning_devinterp.sampling.result import LLCEstimationError
 
 
@@ -94,7 +93,7 @@ class TrainingData:
         if not self._buffer:
             raise LLCEstimationError("no training batches buffered yet.")
         replay = DataLoader(_Replay(list(self._buffer)), batch_size=None)
-        batch_size = self.batch_size or int(tree_flatten(self._buffer[0])[0][0].shape[0])
+        batch_size = self.batch_size or batch_length(self._buffer[0])
         return MinibatchSource(replay, batch_size, device)
 
     def release(self) -> None:

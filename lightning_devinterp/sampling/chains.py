@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_map
 
 from lightning_devinterp._rng import preserved_rng_states
 from lightning_devinterp.sampling.adaptation import (
@@ -42,7 +42,7 @@ from lightning_devinterp.sampling.adaptation import (
     gradient_noise_ceiling,
 )
 from lightning_devinterp.sampling.config import Epsilon, SamplingConfig
-from lightning_devinterp.sampling.data import MinibatchSource
+from lightning_devinterp.sampling.data import MinibatchSource, batch_length
 from lightning_devinterp.sampling.kernels import SGLD, Kernel, Params, make_kernel, mala_log_acceptance
 from lightning_devinterp.sampling.model_view import FunctionalLoss, LossFn, quiet_evaluation
 from lightning_devinterp.sampling.observables import AnchorLoss, Draw, MinibatchLoss, Observable
@@ -192,8 +192,8 @@ def _anchor_losses(loss: FunctionalLoss, vectorized: bool) -> Callable[[Any], Te
         with torch.no_grad():
             if vectorized:
                 return shared(loss.anchor, batch)
-            count = len(tree_flatten(batch)[0][0])
-            return torch.stack([loss(loss.anchor, tree_map(operator.itemgetter(c), batch)) for c in range(count)])
+            chains = batch_length(batch)
+            return torch.stack([loss(loss.anchor, tree_map(operator.itemgetter(c), batch)) for c in range(chains)])
 
     return anchor_losses
 

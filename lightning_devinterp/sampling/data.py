@@ -34,6 +34,15 @@ def _check_tensor_leaves(batch: Any) -> None:
         )
 
 
+def batch_length(batch: Any) -> int:
+    """The number of samples in a batch: the leading size of its first tensor (batches are tensors or trees of them).
+
+    Args:
+        batch: a tensor, or a tuple, list or dict of tensors.
+    """
+    return int(tree_flatten(batch)[0][0].shape[0])
+
+
 def _nbytes(batch: Any) -> int:
     return sum(leaf.element_size() * leaf.numel() for leaf in tree_flatten(batch)[0])
 
@@ -128,7 +137,7 @@ class MinibatchSource:
             _check_tensor_leaves(batch)
             batches.append(batch)
             total_bytes += _nbytes(batch)
-            total_samples += tree_flatten(batch)[0][0].shape[0]
+            total_samples += batch_length(batch)
         if not batches:
             raise ValueError("the dataset is empty.")
         flat = [tree_flatten(b) for b in batches]

@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_devinterp._checks import check_count
-from lightning_devinterp.sampling.data import MinibatchSource
+from lightning_devinterp.sampling.data import MinibatchSource, batch_length
 from lightning_devinterp.sampling.model_view import FunctionalLoss
 from lightning_devinterp.sampling.observables import Draw
 
@@ -104,10 +104,10 @@ class ProbeLosses:
         with torch.no_grad():
             pieces = [self._evaluate(draw.position, batch) for batch in self.batches]
         for piece, batch in zip(pieces, self.batches):
-            if piece.dim() not in (2, 3) or piece.shape[1] != _batch_length(batch):
+            if piece.dim() not in (2, 3) or piece.shape[1] != batch_length(batch):
                 raise ValueError(
                     "per_sample_loss_fn must return one loss per sample, Tensor[batch] or Tensor[batch, tokens]; "
-                    f"got shape {tuple(piece.shape[1:])} for a batch of {_batch_length(batch)}."
+                    f"got shape {tuple(piece.shape[1:])} for a batch of {batch_length(batch)}."
                 )
         values = torch.cat(pieces, dim=1)
         self._shape = tuple(values.shape[1:])
@@ -168,10 +168,6 @@ class ProbeSpec:
             device: where the chains run.
         """
         return ProbeLosses(model, self.per_sample_loss_fn, probe_batches(self.probe, device), self.every)
-
-
-def _batch_length(batch: Any) -> int:
-    return int(tree_flatten(batch)[0][0].shape[0])
 
 
 def _batch_device(batch: Any) -> torch.device:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -214,16 +215,11 @@ def report_susceptibility_heatmap(trainer: pl.Trainer, record: LLCRecord) -> Non
     loggers = tensorboard_loggers(trainer)
     if not summary or not loggers or not trainer.is_global_zero:
         return
-    try:
-        figure = susceptibility_heatmap(summary, f"susceptibility at step {record.step}")
-    except ImportError as error:
-        if not _said_once["heatmap"]:
-            _said_once["heatmap"] = True
-            rank_zero_info(f"LLCMonitor: no susceptibility heatmap in TensorBoard ({error}); the scalars are logged.")
-        return
-    for logger in loggers:
-        logger.experiment.add_figure("devinterp/susceptibility", figure, global_step=record.step, close=False)
-    pyplot().close(figure)
+    figure = _figure_or_note(
+        "susceptibility heatmap", lambda: susceptibility_heatmap(summary, f"susceptibility at step {record.step}")
+    )
+    if figure is not None:
+        _add_figure(loggers, "devinterp/susceptibility", figure, record.step)
 
 
 def report_figure(trainer: pl.Trainer, step: int) -> None:
@@ -243,22 +239,33 @@ def report_figure(trainer: pl.Trainer, step: int) -> None:
         runs = {name: scalars for name, scalars in read_runs(logger.log_dir).items() if names.LLC_MEAN in scalars}
         if not runs:
             continue
-        try:
-            figure = runs_figure(runs)
-        except ImportError as error:
-            if not _said_once["figure"]:
-                _said_once["figure"] = True
-                rank_zero_info(
-                    f"LLCMonitor: no λ̂ figure in TensorBoard's Images tab ({error}); the scalars are logged."
-                )
+        figure = _figure_or_note("λ̂ figure", functools.partial(runs_figure, runs))
+        if figure is None:
             return
-        logger.experiment.add_figure(names.FIGURE, figure, global_step=step, close=False)
+        _add_figure([logger], names.FIGURE, figure, step)
         logger.experiment.flush()
-        pyplot().close(figure)
 
 
-_said_once = {"heatmap": False, "figure": False}
-"""Messages this process has already given (once per process is enough)."""
+def _figure_or_note(what: str, draw: Callable[[], Any]) -> Any:
+    """``draw()``'s figure, or None without matplotlib, saying so once per process for each kind of picture."""
+    try:
+        return draw()
+    except ImportError as error:
+        if what not in _said_once:
+            _said_once.add(what)
+            rank_zero_info(f"LLCMonitor: no {what} in TensorBoard's Images tab ({error}); the scalars are logged.")
+        return None
+
+
+def _add_figure(loggers: list[TensorBoardLogger], tag: str, figure: Any, step: int) -> None:
+    """File ``figure`` under ``tag`` at ``step`` in each logger's Images tab, then close it."""
+    for logger in loggers:
+        logger.experiment.add_figure(tag, figure, global_step=step, close=False)
+    pyplot().close(figure)
+
+
+_said_once: set[str] = set()
+"""Pictures this process has already said it cannot draw (once per process is enough)."""
 
 
 def transition_checkpoint_path(trainer: pl.Trainer, transition: Transition) -> str:

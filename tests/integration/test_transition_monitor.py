@@ -1,7 +1,9 @@
 """TransitionMonitor in real fits: alerts, checkpoints, TensorBoard entries, sparse and missing metrics."""
 
+import logging
 import math
 import os
+import sys
 import warnings
 
 import lightning.pytorch as pl
@@ -11,6 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.custom_scalar import layout_pb2
 
 from lightning_devinterp import LLCMonitor, TransitionDetector, TransitionMonitor, TransitionWarning
+from lightning_devinterp.callbacks import reporting
 from lightning_devinterp.detection.loss_drops import LossDropDetector
 from lightning_devinterp.metric_names import FIGURE
 from tests.helpers.trainers import QUICK, Regressor, make_trainer, regression_loader
@@ -124,3 +127,19 @@ def test_tensorboard_shows_each_report_in_a_figure_and_only_charts_with_content(
     titles = chart_titles(events)
     assert ("LLC by component (param_groups)" in titles) == (param_groups is not None)
     assert not any("ransition" in title for title in titles)
+
+
+def test_without_matplotlib_the_monitor_says_once_that_it_draws_no_figure(tmp_path, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setattr(reporting, "_said_once", set())
+    for _ in range(2):
+        logger = TensorBoardLogger(str(tmp_path), name="bare")
+        llc = LLCMonitor(every_n_steps=10, **QUICK)
+        pl.seed_everything(0)
+        with caplog.at_level(logging.INFO):
+            make_trainer(tmp_path, [llc], logger=logger, max_steps=20).fit(Regressor(), regression_loader())
+        events = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
+        events.Reload()
+        assert events.Tags()["images"] == [] and len(llc.history) == 3
+    notes = [record.message for record in caplog.records if "no λ̂ figure" in record.message]
+    assert len(notes) == 1 and "pip install 'lightning-devinterp[plot]'" in notes[0]

@@ -7,8 +7,9 @@ needs matplotlib (the ``[plot]`` extra); everything else here does not.
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +187,11 @@ def plot_runs(runs: dict[str, Scalars], output: str | Path, log_x: bool = False)
     return output
 
 
+def _symmetric_scale(values: Iterable[float]) -> float:
+    """The largest absolute value that is not NaN (1 when there is none, or it is 0): the colours span ±scale."""
+    return max((abs(value) for value in values if not math.isnan(value)), default=1.0) or 1.0
+
+
 def susceptibility_heatmap(summary: dict[str, dict[str, float]], title: str = "") -> Any:
     """A heatmap of susceptibilities, groups (rows) × probe labels (columns), diverging around zero.
 
@@ -203,7 +209,7 @@ def susceptibility_heatmap(summary: dict[str, dict[str, float]], title: str = ""
     groups = list(summary)
     labels = list(dict.fromkeys(label for row in summary.values() for label in row))
     values = [[summary[group].get(label, float("nan")) for label in labels] for group in groups]
-    scale = max((abs(v) for row in values for v in row if v == v), default=1.0) or 1.0
+    scale = _symmetric_scale(value for row in values for value in row)
     figure, axis = plt.subplots(figsize=(1.2 + 0.9 * len(labels), 0.8 + 0.45 * len(groups)))
     image = axis.imshow(values, cmap="RdBu_r", vmin=-scale, vmax=scale, aspect="auto")
     axis.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
@@ -247,7 +253,7 @@ def plot_susceptibility_history(history: Sequence[tuple[int, dict[str, dict[str,
         label: [[summary.get(group, {}).get(label, float("nan")) for _, summary in history] for group in groups]
         for label in labels
     }
-    scale = max((abs(v) for grid in values.values() for row in grid for v in row if v == v), default=1.0) or 1.0
+    scale = _symmetric_scale(value for grid in values.values() for row in grid for value in row)
     for axis, label in zip(axes[0], labels):
         image = axis.imshow(values[label], cmap="RdBu_r", vmin=-scale, vmax=scale, aspect="auto")
         ticks = sorted({0, len(steps) // 2, len(steps) - 1})

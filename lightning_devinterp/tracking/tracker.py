@@ -95,26 +95,30 @@ def where_to_look(before: LLCResult, after: LLCResult) -> str:
         before: the estimate before the change.
         after: the estimate after it.
     """
-    parts = []
     groups = [
         (after.groups[name].llc_mean - group.llc_mean, name)
         for name, group in before.groups.items()
         if name in after.groups
     ]
-    if groups:
-        largest = sorted(groups, key=lambda item: -abs(item[0]))[:WHERE_TO_LOOK_COUNT]
-        parts.append("λ̂ of " + ", ".join(f"{name} {change:+.3g}" for change, name in largest))
     old, new = before.susceptibility_summary(), after.susceptibility_summary()
-    changes = [
+    susceptibilities = [
         (new[group][label] - value, f"{label} in {group}")
         for group, row in old.items()
         for label, value in row.items()
         if label in new.get(group, {})
     ]
-    if changes:
-        largest = sorted(changes, key=lambda item: -abs(item[0]))[:WHERE_TO_LOOK_COUNT]
-        parts.append("χ of " + ", ".join(f"{where} {change:+.3g}" for change, where in largest))
+    parts = [
+        f"{quantity} of " + _largest(changes)
+        for quantity, changes in (("λ̂", groups), ("χ", susceptibilities))
+        if changes
+    ]
     return "; ".join(parts)
+
+
+def _largest(changes: list[tuple[float, str]]) -> str:
+    """The :data:`WHERE_TO_LOOK_COUNT` largest ``(change, where)`` pairs by size, as ``"where +change, ..."``."""
+    largest = sorted(changes, key=lambda item: -abs(item[0]))[:WHERE_TO_LOOK_COUNT]
+    return ", ".join(f"{where} {change:+.3g}" for change, where in largest)
 
 
 @dataclasses.dataclass(frozen=True)

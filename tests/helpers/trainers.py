@@ -103,3 +103,8 @@ def probe_set():
 
 
 PROBE_LABELS = ["near"] * 6 + ["far"] * 6
+
+
+def labelled_probe() -> dict:
+    """The probe arguments of ``LLCMonitor`` and ``estimate_llc``: :func:`probe_set`, its per-sample loss, and labels."""
+    return dict(probe=probe_set(), per_sample_loss_fn=per_sample_nll, probe_labels=PROBE_LABELS)

@@ -14,15 +14,7 @@ from lightning_devinterp import LLCMonitor
 from lightning_devinterp.analysis import analyze
 from lightning_devinterp.cli import main
 from lightning_devinterp.plotting import plot_runs
-from tests.helpers.trainers import (
-    PROBE_LABELS,
-    QUICK,
-    Regressor,
-    make_trainer,
-    per_sample_nll,
-    probe_set,
-    regression_loader,
-)
+from tests.helpers.trainers import QUICK, Regressor, labelled_probe, make_trainer, regression_loader
 
 ANALYZE = [
     "--module",
@@ -305,8 +297,8 @@ def test_analyze_reports_a_loss_drop_between_checkpoints_from_their_loss_at_w_st
 def test_analyze_writes_susceptibilities_per_group_and_label(trained_run, tmp_path):
     rows, _ = analyze(
         trained_run / "ckpt", Regressor.load_from_checkpoint, regression_loader, tmp_path / "chi.csv",
-        estimate_kwargs=dict(num_chains=2, num_draws=20, num_burnin_steps=10, seed=0, probe=probe_set(),
-                             per_sample_loss_fn=per_sample_nll, probe_labels=PROBE_LABELS, param_groups={"first": "net.0.*"}),
+        estimate_kwargs=dict(num_chains=2, num_draws=20, num_burnin_steps=10, seed=0, param_groups={"first": "net.0.*"},
+                             **labelled_probe()),
         progress=False,
     )  # fmt: skip
     assert len(rows) == 3

@@ -8,9 +8,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lightning_devinterp import LLCMonitor
 from tests.helpers.trainers import (
-    PROBE_LABELS,
     QUICK,
     Regressor,
+    labelled_probe,
     make_trainer,
     per_sample_nll,
     probe_set,
@@ -28,8 +28,7 @@ def test_the_monitor_logs_susceptibilities_per_group_and_label_and_draws_them(tm
     module = Regressor()
     logger = TensorBoardLogger(str(tmp_path), name="run")
     monitor = LLCMonitor(
-        every_n_steps=6, probe=probe_set(), per_sample_loss_fn=per_sample_nll, probe_labels=PROBE_LABELS,
-        param_groups=GROUPS, **QUICK,
+        every_n_steps=6, param_groups=GROUPS, **labelled_probe(), **QUICK
     )  # fmt: skip
     make_trainer(tmp_path, [monitor], logger=logger, max_steps=12).fit(module, regression_loader())
     for a, b in zip(plain.state_dict().values(), module.state_dict().values()):

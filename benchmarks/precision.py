@@ -40,6 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.ordinary_runs import Classifier, Regressor, SmallCNN, TinyTransformer, digits, sequences
+from examples.dln_stagewise import teacher_data
 from lightning_devinterp import LLCMonitor, estimate_llc
 
 RESULTS = Path(__file__).resolve().parent / "precision_results"
@@ -78,12 +79,6 @@ def staged_network(width: int) -> Regressor:
         for layer in net:
             layer.weight.normal_(0.0, 1e-5)
     return Regressor(net, lr=2.5e-3, optimizer=torch.optim.SGD)
-
-
-def staged_data(seed: int) -> TensorDataset:
-    from examples.dln_stagewise import teacher_data
-
-    return teacher_data(seed=seed)
 
 
 def mlp(widths: list[int]) -> nn.Sequential:
@@ -145,7 +140,9 @@ RUNS = {
         4000,
         64,
     ),
-    "staged": Run("staged deep linear network", lambda s: staged_network(8 * _wide(s)), staged_data, 5000, 100),
+    "staged": Run(
+        "staged deep linear network", lambda s: staged_network(8 * _wide(s)), lambda s: teacher_data(seed=s), 5000, 100
+    ),
 }
 
 

@@ -17,6 +17,7 @@ on, seeds 1-2 are held out. Results are also written as JSON under ``benchmarks/
 
     python -m benchmarks.precision [--runs moons cancer regression mlp cnn attention staged] [--seeds 0]
     python -m benchmarks.precision --figure before after -o docs/precision.png   # two recorded labels, side by side
+    python -m benchmarks.precision --relaxation --runs cnn attention   # do warm starts carry the relaxation?
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from benchmarks.ordinary_runs import Classifier, Regressor, SmallCNN, TinyTransformer, digits, sequences
 from examples.dln_stagewise import teacher_data
 from lightning_devinterp import LLCMonitor, estimate_llc
+from lightning_devinterp.sampling.uncertainty import MeanError
 
 RESULTS = Path(__file__).resolve().parent / "precision_results"
 
@@ -187,6 +189,11 @@ def interval(result: Any, record: Any) -> tuple[float, float]:
     return record.llc_mean - record.llc_std, record.llc_mean + record.llc_std
 
 
+def sampling_half_width(result: Any) -> float:
+    """Half the interval's width from the sampling error alone, without the allowance for unrelaxed chains."""
+    return MeanError(result.llc_stderr, result.effective_draws).half_width()
+
+
 def reference(
     run: Run, seed: int, weights: dict[str, torch.Tensor], result: Any, args: argparse.Namespace, **extra: Any
 ) -> float:
@@ -232,6 +239,8 @@ def benchmark(key: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
                 "error": abs(record.llc_mean - truth) / abs(truth), "covered": lower <= truth <= upper,
                 "healthy": record.healthy, "chains": record.result.llc_per_chain.numel(),
                 "draws": record.result.loss_trace.shape[1], "epsilon": record.result.epsilon,
+                "relaxed_share": record.result.relaxed_share, "steps_before_draws": record.result.steps_before_draws,
+                "covered_by_sampling_error": abs(record.llc_mean - truth) <= sampling_half_width(record.result),
             }
         )  # fmt: skip
     late = [r for r in monitor.history if r.step >= 0.1 * run.steps]
@@ -242,13 +251,53 @@ def benchmark(key: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def relaxation(key: str, seed: int, args: argparse.Namespace) -> None:
+    """Do the monitor's warm starts carry the chains' relaxation? Train with ``LLCMonitor()``; at the last estimate's
+    weights, print its (warm-started) λ̂, cold estimates of the same chain shape and step started at w* with more and
+    more burn-in, and the long-run value (the second half of one long cold trace), each as a share of the last.
+    """
+    run = RUNS[key]
+    monitor = LLCMonitor(**args.monitor)
+    module, _ = fit(run, seed, [monitor])
+    record = monitor.history[-1]
+    result = record.result
+    draws = result.loss_trace.shape[1]
+    settings: dict[str, Any] = dict(
+        batch_size=run.batch_size, epsilon=result.epsilon, nbeta=result.nbeta, gamma=result.gamma,
+        num_chains=result.llc_per_chain.numel(),
+    )  # fmt: skip
+    long = estimate_llc(
+        module, run.make_data(seed), num_draws=2 * args.reference_draws, num_burnin_steps=0, seed=1000, **settings
+    )
+    trace = result.nbeta * (long.loss_trace - long.anchor_loss_trace).double().mean(dim=0)
+    long_run = float(trace[trace.numel() // 2 :].mean())
+    cold = {
+        extra: estimate_llc(
+            module, run.make_data(seed), num_draws=draws, num_burnin_steps=10 + extra, seed=2000, **settings
+        ).llc_mean
+        for extra in (0, 100, 300, 1000)
+    }
+    print(
+        f"{key:<10} seed {seed}, step {record.step} (ε γ = {result.epsilon * result.gamma:.2g}, warm chains had run "
+        f"{result.steps_before_draws} steps, bound {result.relaxed_share:.0%}): long-run λ̂ {long_run:.3g}; "
+        f"the monitor's {record.llc_mean / long_run:.0%}; cold, 10 + N burn-in steps: "
+        + ", ".join(f"N={extra} {value / long_run:.0%}" for extra, value in cold.items()),
+        flush=True,
+    )
+
+
 def summary(points: list[dict[str, Any]]) -> str:
     if not points:
         return "no points"
     errors = sorted(point["error"] for point in points)
     p90 = errors[min(len(errors) - 1, math.ceil(0.9 * len(errors)) - 1)]
     covered = sum(point["covered"] for point in points) / len(points)
-    return f"median error {statistics.median(errors):.0%}, 90th percentile {p90:.0%}, coverage {covered:.0%} of {len(points)}"
+    sampling_only = [point["covered_by_sampling_error"] for point in points if "covered_by_sampling_error" in point]
+    without = f" ({sum(sampling_only) / len(sampling_only):.0%} from the sampling error alone)" if sampling_only else ""
+    return (
+        f"median error {statistics.median(errors):.0%}, 90th percentile {p90:.0%}, coverage {covered:.0%}{without} "
+        f"of {len(points)}"
+    )
 
 
 def figure(labels: list[str], path: str, seeds: list[int] | None = None) -> None:
@@ -302,6 +351,11 @@ def main() -> None:
         action="store_true",
         help="also a tilted reference at each point (tilted=True), and how much each kind moves",
     )
+    parser.add_argument(
+        "--relaxation",
+        action="store_true",
+        help="instead: whether warm starts carry the chains' relaxation (cold estimates and a long trace at the end)",
+    )
     parser.add_argument("--figure", nargs="+", metavar="LABEL", help="draw recorded labels side by side, run nothing")
     parser.add_argument("-o", "--output", default="precision.png", help="where --figure writes")
     args = parser.parse_args()
@@ -310,6 +364,11 @@ def main() -> None:
         return
     warnings.filterwarnings("ignore")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.relaxation:
+        for seed in args.seeds:
+            for key in args.runs:
+                relaxation(key, seed, args)
+        return
     results = []
     for seed in args.seeds:
         for key in args.runs:

@@ -58,13 +58,19 @@ LOSS_FLUSH_EVERY = 10
 """Training losses are kept on their device and handed to the loss-drop detector every this many steps, so that
 reading them does not force a device synchronisation at every step."""
 
+RELAXED_ENOUGH = 0.9
+"""Below this share of the long-run value that the last estimate's draws are sure to have reached, the monitor says
+at the end of training that λ̂ may read low (:attr:`~lightning_devinterp.LLCResult.relaxed_share`)."""
+
 DENSE_EVERY = 25
 """While a transition may be under way, the budgeted schedule adds an estimate every this many steps (if the
 budget has room for it beyond the planned ones)."""
 
 
 class LLCEstimateWarning(UserWarning):
-    """An estimate failed and was skipped (``on_error="warn"``), or was marked unhealthy; training went on."""
+    """An estimate failed and was skipped (``on_error="warn"``), was marked unhealthy, or (at the end of training) may
+    read low because its chains had too few steps to relax; training went on.
+    """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -345,6 +351,7 @@ class LLCMonitor(Callback):
                 if self._agreed(trainer, self.schedule.plan is not None or self.schedule.within_budget()):
                     self._estimate(trainer, pl_module)
             report_figure(trainer, trainer.global_step)
+        self._say_if_the_last_chains_had_not_relaxed()
 
     def _due(self, step: int) -> bool:
         """A planned or scheduled step, or (default schedule) a denser estimate while a transition may be under way."""
@@ -460,6 +467,21 @@ class LLCMonitor(Callback):
             f"max_overhead={self.schedule.max_overhead:g} this run affords about {int(self.schedule.max_overhead * training / max(smallest, 1e-9))} "
             f"of the {planned} planned estimates; some are skipped. All of them would cost about {planned * smallest / training:.0%} "
             "of the training time: raise max_overhead, or choose every_n_steps=... .",
+            category=LLCEstimateWarning,
+        )
+
+    def _say_if_the_last_chains_had_not_relaxed(self) -> None:
+        """At the end of training: if the last estimate's chains may not have relaxed, say how low λ̂ may read and why."""
+        if not self.history:
+            return
+        last = self.history[-1].result
+        if not last.relaxed_share < RELAXED_ENOUGH or last.llc_mean <= 0:
+            return
+        rank_zero_warn(
+            f"LLCMonitor: the last estimate's chains had run {last.steps_before_draws} SGLD steps since they started at "
+            f"w*, and the localization pulls them out at only epsilon * gamma = {last.epsilon * last.gamma:.2g} per step, "
+            f"so λ̂ may read up to {1 - last.relaxed_share:.0%} low (llc/upper allows for it). More steps relax them: "
+            "a longer run (the budget grows with it), a larger max_overhead, or a larger gamma.",
             category=LLCEstimateWarning,
         )
 

@@ -19,7 +19,7 @@ from lightning_devinterp.sampling.susceptibility import (
     probe_covariance,
     susceptibility,
 )
-from lightning_devinterp.sampling.uncertainty import MeanError, mean_error
+from lightning_devinterp.sampling.uncertainty import MeanError, mean_error, relaxed_share
 
 
 class LLCEstimationError(RuntimeError):
@@ -34,7 +34,11 @@ class LLCResult:
     draws (the default) the increase of each draw over the same minibatch's loss at w*, L_B(w_t) − L_B(w*), else over
     L(w*) on the whole data. ``llc_mean`` is the mean over chains; ``llc_std`` the spread of the per-chain values
     (ddof 1); ``llc_stderr`` the standard error of ``llc_mean`` from all the draws and their autocorrelation
-    (:mod:`~lightning_devinterp.sampling.uncertainty`), and ``llc_interval`` a 90% interval for it.
+    (:mod:`~lightning_devinterp.sampling.uncertainty`), and ``llc_interval`` a 90% interval for λ̂.
+
+    Chains started at w* read low until they have relaxed: ``steps_before_draws`` counts the SGLD steps they had run
+    since that start when the first draw was taken (more than the burn-in when the monitor warm-starts them), and
+    ``relaxed_share`` is a lower bound on the share of the long-run value the draws reached (plain SGLD only, else NaN).
 
     Chains that diverged are excluded and hold NaN in ``llc_per_chain`` and ``acceptance``; ``loss_trace`` (and
     ``anchor_loss_trace``) hold NaN from the draw where they failed. ``acceptance`` is each chain's mean MALA
@@ -70,6 +74,8 @@ class LLCResult:
     susceptibility: Tensor | None = None
     susceptibility_std: Tensor | None = None
     probe_labels: Any = None
+    steps_before_draws: int | None = None
+    relaxed_share: float = math.nan
 
     @property
     def paired(self) -> bool:
@@ -78,9 +84,14 @@ class LLCResult:
 
     @property
     def llc_interval(self) -> tuple[float, float]:
-        """A 90% interval for λ̂: ``llc_mean`` ± a Student-t quantile times ``llc_stderr``."""
+        """A 90% interval for λ̂: ``llc_mean`` ± a Student-t quantile times ``llc_stderr``, the upper end divided by
+        ``relaxed_share`` when the chains may not have relaxed (a positive estimate can then be up to that much low).
+        """
         half = MeanError(self.llc_stderr, self.effective_draws).half_width()
-        return self.llc_mean - half, self.llc_mean + half
+        lower, upper = self.llc_mean - half, self.llc_mean + half
+        if 0 < self.relaxed_share < 1 and upper > 0:
+            upper /= self.relaxed_share
+        return lower, upper
 
     @property
     def susceptibility_by_label(self) -> dict[str, float]:
@@ -154,17 +165,30 @@ class LLCResult:
         return not self.warnings
 
 
-def summarize_chains(run: ChainRun, config: SamplingConfig) -> LLCResult:
+def summarize_chains(run: ChainRun, config: SamplingConfig, prior_steps: int = 0) -> LLCResult:
     """The LLC estimate and its health findings from raw chains: the full model's, with each group's in ``groups``.
 
     Args:
         run: the chains (possibly gathered from several processes).
         config: the resolved settings they were sampled with.
+        prior_steps: SGLD steps the chains had run before this run, since they started at w* (a warm start).
 
     Raises:
         LLCEstimationError: every chain of a group diverged.
     """
-    full, *parts = (_summarize_group(run, config, index) for index in range(len(run.groups)))
+    assert config.num_burnin_steps is not None and config.num_draws is not None
+    steps_before_draws = prior_steps + config.num_burnin_steps
+    share = (
+        relaxed_share(run.epsilon * config.gamma, steps_before_draws, config.num_draws, config.num_steps_bw_draws)
+        if config.sampler == "sgld"
+        else math.nan
+    )
+    full, *parts = (
+        dataclasses.replace(
+            _summarize_group(run, config, index), steps_before_draws=steps_before_draws, relaxed_share=share
+        )
+        for index in range(len(run.groups))
+    )
     return dataclasses.replace(full, groups=dict(zip(run.groups[1:], parts)))
 
 

@@ -7,6 +7,10 @@ halves), the autocorrelation is estimated across all of them and summed with Gey
 the variance includes the spread between chains (Vehtari et al. 2021, "Rank-normalization, folding, and
 localization: an improved R̂"; ArviZ's ``ess(method="mean")`` is the reference implementation). The standard error
 of the mean is ``sqrt(var / ESS)``.
+
+Sampling noise is not the only error of a short estimate: chains started at w* take time to spread out, so their
+draws read low until they have relaxed. :func:`relaxed_share` bounds how far (docs/mathematics.md), and the interval
+of :class:`~lightning_devinterp.LLCResult` allows for it.
 """
 
 from __future__ import annotations
@@ -91,6 +95,30 @@ def mean_error(trace: Tensor) -> MeanError:
         previous = pair
     effective = count * length / max(tau, 1.0 / math.log10(max(count * length, 10)))
     return MeanError(math.sqrt(variance / effective), effective)
+
+
+def relaxed_share(rate: float, steps_before_draws: int, num_draws: int, steps_between_draws: int = 1) -> float:
+    """A lower bound on the share of its long-run value that the mean draw of chains started at w* has reached.
+
+    One SGLD step with localization γ and step ε multiplies the gap between each direction's offset variance and its
+    long-run value by ``(1 - ε (h + γ) / 2)² <= exp(-ε γ)`` wherever the curvature ``h`` of ``nβ L`` is not negative
+    (and the step is stable), however flat the loss is there. So ``t`` steps after a start at w* every direction holds
+    at least ``1 - exp(-ε γ t)`` of its long-run variance, and the loss increase at least that share of its long-run
+    value. This averages the bound over the draws (docs/mathematics.md).
+
+    Args:
+        rate: ``ε γ``, the slowest relaxation rate per step; not positive (no localization) gives NaN, no bound.
+        steps_before_draws: SGLD steps the chains had run since they started at w* when the first draw was taken.
+        num_draws: draws in the mean.
+        steps_between_draws: SGLD steps from one draw to the next.
+    """
+    if not rate > 0 or not math.isfinite(rate) or num_draws < 1:
+        return math.nan
+    per_draw = rate * steps_between_draws
+    mean_remaining = (
+        math.exp(-rate * steps_before_draws) * math.expm1(-per_draw * num_draws) / (num_draws * math.expm1(-per_draw))
+    )
+    return 1.0 - mean_remaining
 
 
 def student_t_quantile(probability: float, degrees: float) -> float:

@@ -199,6 +199,7 @@ class LLCTracker:
         self.epsilon: float | None = float(config.epsilon) if isinstance(config.epsilon, (int, float)) else None
         self.calibration: CalibrationResult | None = None
         self._offsets: dict[str, Tensor] | None = None
+        self._offset_steps = 0
         self._costs: dict[int, tuple[float, float]] = {}
 
     def start(self, num_samples: int | None) -> None:
@@ -277,11 +278,15 @@ class LLCTracker:
     def _run(
         self, step: int, inputs: EstimateInputs, shape: ChainShape, epsilon: Epsilon
     ) -> tuple[LLCResult, ChainRun | None]:
-        """This process's share of the chains, gathered with every other process's; the same result on every rank."""
+        """This process's share of the chains, gathered with every other process's; the same result on every rank.
+        Warm-started chains count the steps they ran before (:attr:`LLCResult.steps_before_draws`).
+        """
         assert self.nbeta is not None
         config = dataclasses.replace(self.config, nbeta=self.nbeta, epsilon=epsilon, **dataclasses.asdict(shape))
         processes = inputs.processes
         counts = chains_per_rank(shape.num_chains, processes.world_size)
+        start_offsets = self._warm_start(counts[processes.rank]) if epsilon != "adaptive" else None
+        prior_steps = self._offset_steps if start_offsets is not None else 0
         local: ChainRun | None = None
         error: Exception | None = None
         try:
@@ -295,7 +300,7 @@ class LLCTracker:
                     seed=derive_seed(self.seed, step, processes.rank),
                     forward_context=inputs.forward_context,
                     average=processes.average,
-                    start_offsets=self._warm_start(counts[processes.rank]) if epsilon != "adaptive" else None,
+                    start_offsets=start_offsets,
                     clock=self.clock,
                     observables=self._observables(inputs),
                 )
@@ -305,13 +310,13 @@ class LLCTracker:
             error = caught
         if processes.collective is None:
             assert local is not None
-            return self._summarize(local, config), local
+            return self._summarize(local, config, prior_steps), local
         gathered = gather_run(processes.collective, local, counts)
         if gathered is None:
             if error is not None:
                 raise error
             raise LLCEstimationError("the estimate failed on another rank.")
-        return self._summarize(gathered, config), local
+        return self._summarize(gathered, config, prior_steps), local
 
     def _observables(self, inputs: EstimateInputs) -> list[ProbeLosses]:
         """The probe's observable for this estimate (its batches read once and kept, per device)."""
@@ -322,8 +327,8 @@ class LLCTracker:
             self._probe_losses = self.probe.observable(inputs.module, device)
         return [self._probe_losses.bound_to(inputs.module)]
 
-    def _summarize(self, run: ChainRun, config: SamplingConfig) -> LLCResult:
-        result = summarize_chains(run, config)
+    def _summarize(self, run: ChainRun, config: SamplingConfig, prior_steps: int) -> LLCResult:
+        result = summarize_chains(run, config, prior_steps)
         return result if self.probe is None else result.with_probe_labels(self.probe.labels)
 
     def _warm_start(self, num_chains: int) -> dict[str, Tensor] | None:
@@ -358,6 +363,11 @@ class LLCTracker:
             result, local = self._run(step, inputs, shape, "adaptive")
             adapting = True
         self._offsets = local.final_offsets if local is not None and not result.failed_chains else None
+        self._offset_steps = (
+            (result.steps_before_draws or 0) + shape.num_draws * self.config.num_steps_bw_draws
+            if self._offsets is not None
+            else 0
+        )
         if adapting and step > 0:
             # At step 0 w* is a random initialisation, whose curvature says little about the trained model's: the
             # step adapted there serves that estimate only, and the first estimate after training began sets it.

@@ -87,6 +87,25 @@ def test_tensorboard_gets_every_estimate_at_its_step_and_the_layout(tmp_path):
     assert events.Scalars("llc/nbeta")[0].value == pytest.approx(256 / np.log(256), rel=1e-6)
 
 
+def test_warm_started_chains_count_the_steps_they_have_relaxed_for(tmp_path):
+    """Each estimate starts its chains where the previous one left them, so the steps since w* add up and the bound
+    on how far the draws may still read low loosens. A step too small for the chains to relax by the end of training
+    is said once, at the end."""
+    monitor = LLCMonitor(every_n_steps=3, epsilon=1e-3, **QUICK)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(tmp_path / "relaxed", [monitor], module=AtMinimum(), max_steps=10)
+    assert [r.result.steps_before_draws for r in monitor.history] == [3, 16, 29, 42, 55]
+    shares = [r.result.relaxed_share for r in monitor.history]
+    assert shares == sorted(shares) and shares[0] < 0.6 and 0.9 < shares[-1] < 1
+    assert not [w for w in caught if "may read up to" in str(w.message)]
+    slow = LLCMonitor(every_n_steps=3, epsilon=1e-5, **QUICK)
+    with pytest.warns(LLCEstimateWarning, match=r"had run 55 SGLD steps .* may read up to \d+% low") as caught:
+        train(tmp_path / "slow", [slow], module=AtMinimum(), max_steps=10)
+    assert len([w for w in caught if "may read up to" in str(w.message)]) == 1
+    assert slow.history[-1].result.llc_interval[1] > 2 * slow.history[-1].llc_mean > 0
+
+
 def test_csv_logger_gets_every_estimate_and_callback_metrics_only_healthy_ones(tmp_path):
     logger = CSVLogger(str(tmp_path), name="csv")
     monitor = LLCMonitor(every_n_steps=5, num_chains=4, num_draws=40, num_burnin_steps=20, epsilon=1e-3)

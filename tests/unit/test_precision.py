@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from lightning_devinterp import estimate_llc
-from lightning_devinterp.sampling.uncertainty import mean_error, student_t_quantile
+from lightning_devinterp.sampling.uncertainty import MeanError, mean_error, relaxed_share, student_t_quantile
 from lightning_devinterp.theory import quadratic_sgld_llc
 from tests.helpers.models import Potential, gaussian_nll
 
@@ -89,6 +89,61 @@ def test_a_trend_within_the_chains_lowers_the_effective_sample_size():
     flat = torch.randn(4, 200, generator=generator, dtype=torch.float64)
     trending = flat + torch.linspace(0, 3, 200, dtype=torch.float64)
     assert mean_error(trending).standard_error > 2 * mean_error(flat).standard_error
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    curvature=st.floats(0.0, 50.0),
+    gamma=st.floats(0.1, 1000.0),
+    epsilon=st.floats(1e-6, 1e-1),
+    steps_before_draws=st.integers(0, 3000),
+    num_draws=st.integers(1, 300),
+    steps_between_draws=st.integers(1, 5),
+)
+def test_the_relaxed_share_bounds_every_stable_quadratic_direction(
+    curvature, gamma, epsilon, steps_before_draws, num_draws, steps_between_draws
+):
+    """From w*, a direction of curvature h holds 1 - a^(2t) of its long-run variance after t steps, with
+    a = 1 - ε (h + γ) / 2: the bound must not exceed that share averaged over the draws, for any h >= 0."""
+    rate = epsilon * (curvature + gamma)
+    if rate >= 4 - epsilon * gamma:  # an unstable step; no chain runs there
+        return
+    shrink = (1 - rate / 2) ** 2
+    steps = [steps_before_draws + k * steps_between_draws for k in range(num_draws)]
+    exact = 1 - sum(shrink**t for t in steps) / num_draws
+    assert relaxed_share(epsilon * gamma, steps_before_draws, num_draws, steps_between_draws) <= exact + 1e-9
+
+
+def test_chains_started_at_w_star_read_low_until_relaxed_and_the_interval_allows_for_it():
+    """L = ½ Σ h w² with nβ h far below γ: the localization alone pulls the chains out, so after a short burn-in they
+    read less than half the long-run value. The bound says so nearly exactly, the sampling error alone would claim a
+    precision the estimate does not have, and the interval's allowance covers the long-run value."""
+    curvature = [0.01, 0.02, 0.04]
+    weights = torch.tensor(curvature)
+    settings = dict(batch_size=8, nbeta=100.0, gamma=100.0, epsilon=2.5e-4, num_chains=16, num_draws=40)
+
+    def loss(model, batch):
+        return 0.5 * (weights * model.w**2).sum()
+
+    stationary = quadratic_sgld_llc(curvature, 100.0, 100.0, 2.5e-4)
+    short = [estimate_llc(Potential(3), NO_DATA, loss, num_burnin_steps=5, seed=seed, **settings) for seed in range(20)]
+    exact_share = 0.0
+    for h in curvature:
+        shrink = (1 - 2.5e-4 * (100.0 * h + 100.0) / 2) ** 2
+        reached = 1 - sum(shrink ** (5 + k) for k in range(40)) / 40
+        exact_share += reached * quadratic_sgld_llc([h], 100.0, 100.0, 2.5e-4) / stationary
+    assert short[0].steps_before_draws == 5
+    assert 0.9 * exact_share < short[0].relaxed_share <= exact_share < 0.5
+    assert statistics.mean(r.llc_mean for r in short) == pytest.approx(exact_share * stationary, rel=0.15)
+    sampling_only = [
+        abs(r.llc_mean - stationary) <= MeanError(r.llc_stderr, r.effective_draws).half_width() for r in short
+    ]
+    assert sum(sampling_only) <= 2
+    assert sum(r.llc_interval[0] <= stationary <= r.llc_interval[1] for r in short) >= 17
+    relaxed = estimate_llc(Potential(3), NO_DATA, loss, num_burnin_steps=2000, seed=0, **settings)
+    half = MeanError(relaxed.llc_stderr, relaxed.effective_draws).half_width()
+    assert relaxed.relaxed_share > 0.999
+    assert relaxed.llc_interval[1] - relaxed.llc_mean == pytest.approx(half, rel=1e-3)
 
 
 @pytest.mark.parametrize(

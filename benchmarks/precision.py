@@ -18,6 +18,8 @@ on, seeds 1-2 are held out. Results are also written as JSON under ``benchmarks/
     python -m benchmarks.precision [--runs moons cancer regression mlp cnn attention staged] [--seeds 0]
     python -m benchmarks.precision --figure before after -o docs/precision.png   # two recorded labels, side by side
     python -m benchmarks.precision --relaxation --runs cnn attention   # do warm starts carry the relaxation?
+    python -m benchmarks.precision --groups --label groups      # the monitor with param_groups, references per group
+    python -m benchmarks.precision --figure groups --groups -o docs/precision-groups.png
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from benchmarks.ordinary_runs import Classifier, Regressor, SmallCNN, TinyTransformer, digits, sequences
 from examples.dln_stagewise import teacher_data
 from lightning_devinterp import LLCMonitor, estimate_llc
+from lightning_devinterp.sampling.chains import FULL_MODEL
 from lightning_devinterp.sampling.uncertainty import MeanError
 
 RESULTS = Path(__file__).resolve().parent / "precision_results"
@@ -99,6 +102,8 @@ class Run:
     make_data: Callable[[int], TensorDataset]
     steps: int
     batch_size: int
+    groups: dict[str, Any] | None = None
+    """``param_groups`` for ``--groups``: the run's natural components."""
 
 
 def _wide(seed: int) -> int:
@@ -134,13 +139,21 @@ RUNS = {
         6000,
         64,
     ),
-    "cnn": Run("CNN on digits", lambda s: Classifier(SmallCNN()), lambda s: digits(), 4000, 64),
+    "cnn": Run(
+        "CNN on digits",
+        lambda s: Classifier(SmallCNN()),
+        lambda s: digits(),
+        4000,
+        64,
+        groups={"convolutions": "net.features.*", "dense": "net.head.*"},
+    ),
     "attention": Run(
         "2-block attention",
         lambda s: Classifier(TinyTransformer(width=32 * _wide(s)), lr=3e-3),
         lambda s: sequences(seed=s),
         4000,
         64,
+        groups={"attention": ["net.blocks.*.qkv.*", "net.blocks.*.out.*"], "mlp": "net.blocks.*.mlp.*"},
     ),
     "staged": Run(
         "staged deep linear network", lambda s: staged_network(8 * _wide(s)), lambda s: teacher_data(seed=s), 5000, 100
@@ -196,18 +209,33 @@ def sampling_half_width(result: Any) -> float:
 
 def reference(
     run: Run, seed: int, weights: dict[str, torch.Tensor], result: Any, args: argparse.Namespace, **extra: Any
-) -> float:
+) -> dict[str, float]:
+    """Long references at ``weights`` and the estimate's settings: the full model's under ``"all"`` and, with
+    ``--groups``, each group's.
+    """
     module = run.make_module(seed)
     module.load_state_dict(weights)
-    values = []
+    values: dict[str, list[float]] = {}
     for reference_seed in range(2):
         long = estimate_llc(
             module, run.make_data(seed), batch_size=run.batch_size, epsilon=result.epsilon, nbeta=result.nbeta,
             gamma=result.gamma, num_chains=args.reference_chains, num_draws=args.reference_draws,
-            num_burnin_steps=args.reference_burnin, seed=1000 + reference_seed, **extra,
+            num_burnin_steps=args.reference_burnin, seed=1000 + reference_seed,
+            param_groups=run.groups if args.groups else None, **extra,
         )  # fmt: skip
-        values.append(long.llc_mean)
-    return statistics.mean(values)
+        for name, part in {FULL_MODEL: long, **long.groups}.items():
+            values.setdefault(name, []).append(part.llc_mean)
+    return {name: statistics.mean(means) for name, means in values.items()}
+
+
+def compare(result: Any, llc: float, bounds: tuple[float, float], truth: float) -> dict[str, Any]:
+    """One estimate (``llc`` with its interval ``bounds``) against its reference ``truth``."""
+    lower, upper = bounds
+    return {
+        "llc": llc, "lower": lower, "upper": upper, "reference": truth, "error": abs(llc - truth) / abs(truth),
+        "covered": lower <= truth <= upper, "relaxed_share": getattr(result, "relaxed_share", math.nan),
+        "covered_by_sampling_error": abs(llc - truth) <= sampling_half_width(result),
+    }  # fmt: skip
 
 
 def movement(values: list[float]) -> float:
@@ -216,31 +244,37 @@ def movement(values: list[float]) -> float:
     return statistics.median(changes) if changes else math.nan
 
 
+def monitor_settings(run: Run, args: argparse.Namespace) -> dict[str, Any]:
+    """``--monitor``'s arguments, with the run's groups under ``--groups``."""
+    return {**args.monitor, "param_groups": run.groups} if args.groups else args.monitor
+
+
 def benchmark(key: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     run = RUNS[key]
     fit(
-        run, seed, [LLCMonitor(**args.monitor)], steps=50
+        run, seed, [LLCMonitor(**monitor_settings(run, args))], steps=50
     )  # warm-up: imports and first-call costs, outside the timed runs
     _, plain = fit(run, seed, [])
-    monitor = LLCMonitor(**args.monitor)
+    monitor = LLCMonitor(**monitor_settings(run, args))
     keeper = KeepLateWeights(monitor, run.steps)
     _, watched = fit(run, seed, [monitor, keeper])
     points = []
     records = {record.step: record for record in monitor.history}
     for step, weights in sorted(keeper.kept.items())[-args.max_points :]:
         record = records[step]
-        lower, upper = interval(record.result, record)
         truth = reference(run, seed, weights, record.result, args)
-        tilted = reference(run, seed, weights, record.result, args, tilted=True) if args.tilted else math.nan
+        tilted = reference(run, seed, weights, record.result, args, tilted=True) if args.tilted else {}
         points.append(
             {
-                "tilted_reference": tilted,
-                "step": step, "llc": record.llc_mean, "lower": lower, "upper": upper, "reference": truth,
-                "error": abs(record.llc_mean - truth) / abs(truth), "covered": lower <= truth <= upper,
-                "healthy": record.healthy, "chains": record.result.llc_per_chain.numel(),
+                **compare(record.result, record.llc_mean, interval(record.result, record), truth[FULL_MODEL]),
+                "tilted_reference": tilted.get(FULL_MODEL, math.nan),
+                "step": step, "healthy": record.healthy, "chains": record.result.llc_per_chain.numel(),
                 "draws": record.result.loss_trace.shape[1], "epsilon": record.result.epsilon,
-                "relaxed_share": record.result.relaxed_share, "steps_before_draws": record.result.steps_before_draws,
-                "covered_by_sampling_error": abs(record.llc_mean - truth) <= sampling_half_width(record.result),
+                "steps_before_draws": record.result.steps_before_draws,
+                "groups": {
+                    name: compare(group, group.llc_mean, group.llc_interval, truth[name])
+                    for name, group in record.result.groups.items()
+                },
             }
         )  # fmt: skip
     late = [r for r in monitor.history if r.step >= 0.1 * run.steps]
@@ -300,22 +334,32 @@ def summary(points: list[dict[str, Any]]) -> str:
     )
 
 
-def figure(labels: list[str], path: str, seeds: list[int] | None = None) -> None:
+def figure(labels: list[str], path: str, seeds: list[int] | None = None, by_group: bool = False) -> None:
     """Each recorded point's λ̂ and interval over its reference, one panel per label (e.g. before and after), for the
-    runs of ``seeds`` (all when None).
+    runs of ``seeds`` (all when None); with ``by_group``, one panel per part (the full model, then each group) of
+    one label recorded with ``--groups``.
     """
     from lightning_devinterp.plotting import pyplot
 
     plt = pyplot()
-    panels = [
-        [r for r in json.loads((RESULTS / f"{label}.json").read_text()) if seeds is None or r["seed"] in seeds]
+    recorded = {
+        label: [r for r in json.loads((RESULTS / f"{label}.json").read_text()) if seeds is None or r["seed"] in seeds]
         for label in labels
-    ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.6), sharey=True, squeeze=False)
-    for ax, label, results in zip(axes[0], labels, panels):
+    }
+    panels: list[tuple[str, list[tuple[str, list[dict[str, Any]]]]]] = []
+    for label, results in recorded.items():
+        runs = [(f"{r['run']} {r['seed']}", r["points"]) for r in results if r["points"]]
+        panels.append((label if not by_group else f"{label}, full model", runs))
+        groups = dict.fromkeys(name for r in results for p in r["points"] for name in p.get("groups", {}))
+        for group in groups if by_group else ():
+            parts = [
+                (run, [p["groups"][group] for p in points if group in p.get("groups", {})]) for run, points in runs
+            ]
+            panels.append((f"{label}, {group}", [(run, points) for run, points in parts if points]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 3.8), sharey=True, squeeze=False)
+    for ax, (title, runs) in zip(axes[0], panels):
         position, ticks = 0, []
-        for result in results:
-            points = result["points"]
+        for run, points in runs:
             xs = list(range(position, position + len(points)))
             ratio = [p["llc"] / p["reference"] for p in points]
             below = [max(r - p["lower"] / p["reference"], 0.0) for r, p in zip(ratio, points)]
@@ -323,12 +367,12 @@ def figure(labels: list[str], path: str, seeds: list[int] | None = None) -> None
             colors = ["tab:blue" if p["covered"] else "tab:red" for p in points]
             ax.errorbar(xs, ratio, yerr=[below, above], fmt="none", ecolor=colors, elinewidth=1.2)
             ax.scatter(xs, ratio, c=colors, s=14, zorder=3)
-            ticks.append((position + (len(points) - 1) / 2, f"{result['run']} {result['seed']}"))
+            ticks.append((position + (len(points) - 1) / 2, run))
             position += len(points) + 1
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.axhspan(0.9, 1.1, color="tab:green", alpha=0.12)
         ax.set_xticks([t for t, _ in ticks], [name for _, name in ticks], rotation=30, fontsize=8)
-        ax.set_title(f"{label}: {summary([p for r in results for p in r['points']])}", fontsize=8)
+        ax.set_title(f"{title}\n{summary([p for _, points in runs for p in points])}", fontsize=8)
         ax.set_ylim(0, 2.5)
     axes[0][0].set_ylabel("λ̂ / long reference (90% interval)")
     fig.tight_layout()
@@ -356,11 +400,16 @@ def main() -> None:
         action="store_true",
         help="instead: whether warm starts carry the chains' relaxation (cold estimates and a long trace at the end)",
     )
+    parser.add_argument(
+        "--groups",
+        action="store_true",
+        help="the monitor with each run's param_groups (runs without groups are skipped), and references per group",
+    )
     parser.add_argument("--figure", nargs="+", metavar="LABEL", help="draw recorded labels side by side, run nothing")
     parser.add_argument("-o", "--output", default="precision.png", help="where --figure writes")
     args = parser.parse_args()
     if args.figure:
-        figure(args.figure, args.output, args.seeds if "--seeds" in sys.argv else None)
+        figure(args.figure, args.output, args.seeds if "--seeds" in sys.argv else None, by_group=args.groups)
         return
     warnings.filterwarnings("ignore")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -372,6 +421,8 @@ def main() -> None:
     results = []
     for seed in args.seeds:
         for key in args.runs:
+            if args.groups and RUNS[key].groups is None:
+                continue
             result = benchmark(key, seed, args)
             results.append(result)
             errors = " ".join(
@@ -389,6 +440,8 @@ def main() -> None:
                 ),
                 flush=True,
             )
+            for group in result["points"][0]["groups"] if result["points"] else ():
+                print(f"    {group}: {summary([p['groups'][group] for p in result['points']])}", flush=True)
     print("all runs:", summary([point for result in results for point in result["points"]]))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.label}.json").write_text(json.dumps(results, indent=1))

@@ -173,7 +173,13 @@ def report_estimate(trainer: pl.Trainer, record: LLCRecord) -> None:
             **{
                 names.group_metric(name, field): value
                 for name, group in result.groups.items()
-                for field, value in (("mean", group.llc_mean), ("std", group.llc_std), ("stderr", group.llc_stderr))
+                for field, value in (
+                    ("mean", group.llc_mean),
+                    ("std", group.llc_std),
+                    ("stderr", group.llc_stderr),
+                    ("lower", group.llc_interval[0]),
+                    ("upper", group.llc_interval[1]),
+                )
             },
             **{
                 names.susceptibility_metric(group, label): value

@@ -32,6 +32,10 @@ def test_the_monitor_logs_each_group(tmp_path):
     events.Reload()
     for tag in ("llc/weight/mean", "llc/weight/std", "llc/bias/mean", "llc/bias/std"):
         assert [e.step for e in events.Scalars(tag)] == [0, 5, 10], tag
+    for group in ("weight", "bias"):  # each group's 90% interval, as the full model's
+        for end, index in (("lower", 0), ("upper", 1)):
+            logged = [e.value for e in events.Scalars(f"llc/{group}/{end}")]
+            assert logged == pytest.approx([r.result.groups[group].llc_interval[index] for r in monitor.history])
     last = monitor.history[-1].result
     assert last.groups["bias"].llc_mean < last.groups["weight"].llc_mean  # 2 bias entries against 10 weights
     assert float(trainer.callback_metrics["llc/weight/mean"]) == pytest.approx(last.groups["weight"].llc_mean)

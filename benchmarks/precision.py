@@ -19,7 +19,7 @@ on, seeds 1-2 are held out. Results are also written as JSON under ``benchmarks/
     python -m benchmarks.precision --figure before after -o docs/precision.png   # two recorded labels, side by side
     python -m benchmarks.precision --relaxation --runs cnn attention   # do warm starts carry the relaxation?
     python -m benchmarks.precision --groups --label groups      # the monitor with param_groups, references per group
-    python -m benchmarks.precision --figure groups --groups -o docs/precision-groups.png
+    python -m benchmarks.precision --figure groups --groups -o precision-groups.png  # one panel per group
 """
 
 from __future__ import annotations

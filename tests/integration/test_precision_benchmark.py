@@ -15,7 +15,7 @@ from benchmarks.precision import benchmark
 @pytest.mark.slow
 def test_late_estimates_of_a_regression_run_sit_near_their_long_references():
     args = argparse.Namespace(
-        monitor={}, max_points=3, reference_chains=4, reference_draws=800, reference_burnin=300, tilted=False,
+        monitor={}, max_points=3, reference_chains=4, reference_draws=600, reference_burnin=300, tilted=False,
         groups=False,
     )  # fmt: skip
     result = benchmark("regression", 0, args)

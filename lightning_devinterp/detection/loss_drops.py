@@ -498,8 +498,8 @@ class LossDropDetector:
             judge = self._judge(rates)
             if judge is None:
                 return None
-            scale, rate = self._scales[judge], rates[judge]
-            return None if rate is None else self._follow(step, scale, rate)
+            rate = rates[judge]
+            return None if rate is None else self._follow(step, judge, rate)
         resumed = self._resumed_fall(step, rates)
         if resumed is not None:
             return resumed
@@ -631,10 +631,10 @@ class LossDropDetector:
         self._onset["judge"] = judge
         return judge
 
-    def _follow(self, step: int, scale: _Scale, rate: float) -> Transition | None:
+    def _follow(self, step: int, index: int, rate: float) -> Transition | None:
         assert self._onset is not None
-        peak = self._onset["peaks"][self._scales.index(scale)]
-        if not self._calmed(step, rate, scale.drop, scale.lag, peak):
+        scale = self._scales[index]
+        if not self._calmed(step, rate, scale.drop, scale.lag, self._onset["peaks"][index]):
             return None
         return self._end(step, scale.smoothed[-1][1], scale.lag, scale.noise(self._spread()), self.metric)
 

@@ -104,11 +104,12 @@ def _dln(seed: int) -> Spec:
     lr = rng.choice([2e-3, 3e-3, 5e-3])
     singular = [4.0 / 2**k for k in range(rank)]
     steps = 4000
-    left, teacher = _teacher(torch.Generator().manual_seed(seed), width, singular)
+    generator = torch.Generator().manual_seed(seed)
+    left, teacher = _teacher(generator, width, singular)
+    after_teacher = generator.get_state()  # the data are drawn next, from the same stream
 
     def build() -> tuple[Trainee, TensorDataset]:
-        generator = torch.Generator().manual_seed(seed)
-        _teacher(generator, width, singular)
+        generator = torch.Generator().set_state(after_teacher)
         x = torch.randn(2000, width, generator=generator)
         data = TensorDataset(x, x @ teacher.T + 0.1 * torch.randn(2000, width, generator=generator))
         torch.manual_seed(seed)

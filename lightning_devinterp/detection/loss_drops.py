@@ -22,13 +22,16 @@ several ``scales`` k at once (window, lag and plateau times k, the same rate per
 shrinks as k^1.5 relative to the fall it measures, at the price of a later report.
 
 The fall *ends* when ``R`` has stayed below half its threshold, or below :data:`SLOWED` of its fastest rate since
-the onset (a fall that slowed that much has ended, even if a slower stage follows), for half a lag. Whichever series
+the onset (a fall that slowed that much has ended, even if a slower stage follows), for half a lag; or sooner, when
+after such a dip ``R`` speeds up again past ``drop`` and :data:`CONTRAST` times the dip's slowest rate: the dip was
+the pause between two stages, too short to stay calm for half a lag, and the end is dated from it. Whichever series
 reported the onset, the end is judged by the one with the finest time resolution among those that saw the fall
 clearly (a rate past :data:`CLEAR` times their onset threshold) or reported it: the every-step loss at its shortest
 such scale, or the fixed-data loss below when its points are at least as close (its lag, or the gap between points
 if longer). The next onset needs a new plateau, which may start a lag before ``R`` calmed (the loss had stopped
 falling there); and for :data:`RESUME_WINDOW` lags after an end, a pause shorter than a plateau is enough: where the
-loss fell slower than ``drop`` for a while and then speeds up again, at some scale, past that scale's threshold and
+loss fell slower than ``drop``, or than :data:`SLOWED` of the ended fall's fastest rate, for a while and then speeds
+up again, at some scale, past that scale's threshold and
 :data:`CONTRAST` times the pause's slowest rate, to ``drop`` below the level at the end, the next stage has begun (a
 staircase). An onset's ``before`` is the plateau's (or pause's) level (the median of its smoothed values), ``after``
 the smoothed loss now.
@@ -566,7 +569,8 @@ class LossDropDetector:
 
     def _resumed_fall(self, step: int, rates: list[float | None]) -> Transition | None:
         """The onset of the next stage of a staircase: within :data:`RESUME_WINDOW` lags of a transition's end, after
-        a pause in which the loss fell slower than ``drop`` at some scale, it falls fast again at that scale (the
+        a pause in which the loss fell slower than ``drop`` (or than :data:`SLOWED` of the ended fall's fastest rate)
+        at some scale, it falls fast again at that scale (the
         finest first): at more than that scale's ``drop``, its noise threshold and :data:`CONTRAST` times the pause's
         slowest rate, and to that scale's ``drop`` below its level at the end. A pause shorter than a plateau is no
         plateau for the rule of the module docstring, but a fall that stopped and speeds up again is the next stage.
@@ -578,7 +582,7 @@ class LossDropDetector:
                 continue
             pause["slowest"] = min(pause["slowest"], rate)
             fast = max(scale.drop, self._threshold(scale), CONTRAST * max(pause["slowest"], 0.0))
-            paused = pause["slowest"] < scale.drop
+            paused = pause["slowest"] < max(scale.drop, SLOWED * pause["peak"])
             if paused and rate > fast and pause["level"] - scale.smoothed[-1][1] > scale.drop:
                 return self._begin(step, index, scale, rate, pause["level"], after="after it had slowed to a pause")
         return None
@@ -628,6 +632,7 @@ class LossDropDetector:
         judge: int | None = min(candidates, key=lambda candidate: candidate[:2])[2]
         if judge != self._onset.get("judge", self._onset["scale"]):
             self._calm_since = None
+            self._onset.pop("dip", None)
         self._onset["judge"] = judge
         return judge
 
@@ -641,14 +646,23 @@ class LossDropDetector:
     def _calmed(self, step: int, rate: float | None, drop: float, lag: int, peak: float) -> bool:
         """Whether the judging series has fallen at less than half its threshold ``drop``, or less than
         :data:`SLOWED` of its fastest rate since the onset (``peak``: a fall that slowed that much has ended, even if
-        a slower stage follows), for half a ``lag`` (a missing ``rate`` counts as calm); remembers since when.
+        a slower stage follows), for half a ``lag`` (a missing ``rate`` counts as calm), or sped up again after such a
+        dip, past ``drop`` and :data:`CONTRAST` times the dip's slowest rate (a pause between stages); remembers since
+        when (for a dip, the step of its slowest rate).
         """
         assert self._onset is not None
-        if rate is not None and self._onset["sign"] * rate >= max(drop / 2, SLOWED * peak):
+        signed = None if rate is None else self._onset["sign"] * rate
+        dip = self._onset.get("dip")
+        if signed is not None and signed >= max(drop / 2, SLOWED * peak):
+            if dip is not None and signed > max(drop, CONTRAST * dip[1]):
+                self._calm_since = dip[0]
+                return True
             self._calm_since = None
             return False
         if self._calm_since is None:
             self._calm_since = step
+        if signed is not None and (dip is None or signed < dip[1]):
+            self._onset["dip"] = (step, signed)
         return step - self._calm_since >= lag // 2
 
     def _end(self, step: int, now: float, lag: int, noise: float, metric: str) -> Transition:
@@ -658,13 +672,18 @@ class LossDropDetector:
         """
         assert self._onset is not None and self._calm_since is not None
         self._not_before = self._calm_since - lag
+        peaks = self._onset.get("peaks", [0.0] * len(self._scales))
         self._resume = {
             "step": step,
             "scales": [
-                {"level": each.smoothed[-1][1], "slowest": min((rate for _, rate in each.rates), default=math.inf)}
+                {
+                    "level": each.smoothed[-1][1],
+                    "slowest": min((rate for _, rate in each.rates), default=math.inf),
+                    "peak": peak,
+                }
                 if each.smoothed
                 else None
-                for each in self._scales
+                for each, peak in zip(self._scales, peaks)
             ],
         }
         onset, self._onset, self._calm_since = self._onset, None, None

@@ -201,6 +201,31 @@ def test_a_slow_stage_after_a_fast_one_is_a_stage_and_the_first_ends_first():
     assert found >= 19
 
 
+@pytest.mark.parametrize(
+    "stages",
+    [
+        pytest.param([(500, 100, 2.3), (680, 100, 2.3)], id="an 80-step pause"),
+        pytest.param([(500, 100, 1.5), (600, 90, 0.12), (690, 150, 1.5)], id="a pause that only slows the fall"),
+    ],
+)
+def test_stages_closer_than_the_lag_and_a_half_an_end_needs_each_get_an_onset(stages):
+    """The pause between two falls is shorter than the 150 steps a calm end takes to confirm (or the loss keeps
+    falling through it at a twelfth of the stages' rate): the rate's dip and rise close the first stage there, and
+    the second gets its own onset."""
+    rng = np.random.default_rng(10)
+    found = 0
+    for _ in range(20):
+        events = run_loss(*staircase(rng, stages, steps=1500))
+        ends = [e.step for e in events if not e.is_onset]
+        onsets = [e.step for e in events if e.is_onset]
+        found += (
+            [e.is_onset for e in events] == [True, False, True, False]
+            and ends[0] <= stages[-1][0] + 100
+            and stages[-1][0] <= onsets[1] <= stages[-1][0] + 150
+        )
+    assert found >= 18
+
+
 def test_the_end_of_a_fall_first_seen_on_the_fixed_data_is_judged_on_the_every_step_loss():
     """The fixed-data loss at dense estimates (every 25 steps) reports the onset; the every-step loss, which sees
     the fall clearly too and resolves time as finely, judges its end, within 150 steps of it."""

@@ -17,7 +17,9 @@ Where a family knows each stage's own part of the loss (deep linear networks and
 mode's squared error), :func:`stages` takes each stage from it instead, so that stages a short plateau apart stay
 two. A stage runs from 10% to 90% learnt, in the part's residual amplitude (the square root of its excess over its
 final value: for a linear mode, how much of the mode is still missing). It counts only if the full-set loss falls by
-at least the threshold (0.1 in log) over it, and only inside an episode of the rule above (which says where the loss
+at least the threshold (0.1 in log) over it, and the part's own fall would be that much of the full-set loss alone
+(a part that barely moves, such as a superposition model's feature that stays unrepresented, spans the other stages
+between its 10% and 90% and would otherwise borrow their fall), and only inside an episode of the rule above (which says where the loss
 falls after a plateau; the stages split an episode that holds several), not before step 250. Overlapping stages merge.
 """
 
@@ -98,12 +100,18 @@ def stages(stage_losses: list[tuple[int, list[float]]], full_loss: list[tuple[in
     visible: list[Episode] = []
     for part in range(len(stage_losses[0][1])):
         series = [(step, values[part]) for step, values in stage_losses]
+        own = dict(series)
         first, last = series[0][1], series[-1][1]
         start, end = (
             next((step for step, value in series if value - last < (1 - share) ** 2 * (first - last)), None)
             for share in (STAGE_START, STAGE_END)
         )
-        if start is not None and end is not None and math.log(full[start] / full[end]) >= DROP:
+        if (
+            start is not None
+            and end is not None
+            and math.log(full[start] / full[end]) >= DROP
+            and own[start] - own[end] >= (1 - math.exp(-DROP)) * full[start]
+        ):
             visible.append(Episode(trigger=start, start=start, end=end))
     merged: list[Episode] = []
     for episode in sorted(visible, key=lambda e: e.start):

@@ -6,9 +6,12 @@ runs and controls (superposition's slow drop is reported within 150 steps of its
 staircase under an explicit schedule gets an onset and an end per stage.
 """
 
+import math
+
 import pytest
 
 from benchmarks.transitions.families import BUILDERS, CONTROLS
+from benchmarks.transitions.ground_truth import stages
 from benchmarks.transitions.record import record
 from benchmarks.transitions.score import ground_truth, score_run
 
@@ -31,3 +34,18 @@ def test_a_recorded_run_is_scored_against_its_loss_curve(family, seed, tmp_path)
         assert series["every_n_steps"] and score.episodes == len(score.end_latencies) == 4
         assert max(score.end_latencies) <= 150
     assert score.impossible == 0
+
+
+def test_a_part_of_the_loss_that_barely_moves_is_no_stage():
+    """Two parts fall 700 steps apart, each a stage; a third (a feature the model never learns) creeps down over the
+    whole run, so its 10%-90% stretch spans both falls and, counted, would merge them into one stage."""
+
+    def sigmoid(step: int, at: int) -> float:
+        return 1 / (1 + math.exp((step - at) / 20))
+
+    parts = [
+        (step, [sigmoid(step, 500), 0.5 * sigmoid(step, 1200), 0.01 * (1 - step / 2000)]) for step in range(0, 2000, 10)
+    ]
+    full_loss = [(step, sum(values) + 0.01) for step, values in parts]
+    found = stages(parts, full_loss)
+    assert [(stage.start, stage.end) for stage in found] == [(480, 600), (1180, 1300)]

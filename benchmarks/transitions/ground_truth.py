@@ -13,14 +13,16 @@ guard, on the loss over the whole training set recorded every 10 steps):
 - the next episode needs a new plateau. A loss that decays smoothly from initialisation has no plateau before its
   fall and so no episode: every report on such a run is a false alarm.
 
-Where a family knows each stage's own part of the loss (deep linear networks and the staircases: each teacher
-mode's squared error), :func:`stages` takes each stage from it instead, so that stages a short plateau apart stay
-two. A stage runs from 10% to 90% learnt, in the part's residual amplitude (the square root of its excess over its
-final value: for a linear mode, how much of the mode is still missing). It counts only if the full-set loss falls by
-at least the threshold (0.1 in log) over it, and the part's own fall would be that much of the full-set loss alone
-(a part that barely moves, such as a superposition model's feature that stays unrepresented, spans the other stages
-between its 10% and 90% and would otherwise borrow their fall), and only inside an episode of the rule above (which says where the loss
-falls after a plateau; the stages split an episode that holds several), not before step 250. Overlapping stages merge.
+Where a family knows each stage's own part of the loss (a linear network's teacher modes, a superposition model's
+features), :func:`stages` takes each stage from it instead, so that stages a short plateau apart stay two. A stage
+runs from 10% to 90% learnt, in the part's residual amplitude (the square root of its excess over its final value:
+for a linear mode, how much of the mode is still missing). It counts only if the full-set loss falls by at least the
+threshold (0.1 in log) over it and the part's own fall alone is that much of the full-set loss (a part that barely
+moves, such as a feature that stays unrepresented, spans the other stages between its 10% and 90% and would
+otherwise borrow their fall), only inside an episode of the rule above (which says where the loss falls after a
+plateau; the stages split an episode that holds several), and not before step 250. Overlapping stages merge. An
+episode that holds no stage stays an episode of its own (a fall shared by many parts, none of which falls enough
+alone: a superposition model's features adjusting together before the first is learnt).
 """
 
 from __future__ import annotations
@@ -93,8 +95,8 @@ STAGE_START, STAGE_END = 0.1, 0.9
 
 
 def stages(stage_losses: list[tuple[int, list[float]]], full_loss: list[tuple[int, float]]) -> list[Episode]:
-    """One episode per stage that the full-set loss shows (see the module docstring), in order; overlapping stages
-    are merged.
+    """One episode per stage that the full-set loss shows, and each episode of the full-set loss that holds no stage
+    (see the module docstring), in order; overlapping stages are merged.
     """
     full = dict(full_loss)
     visible: list[Episode] = []
@@ -120,8 +122,10 @@ def stages(stage_losses: list[tuple[int, list[float]]], full_loss: list[tuple[in
         else:
             merged.append(episode)
     falls = episodes(full_loss)
-    return [
+    shown = [
         stage
         for stage in merged
         if stage.start >= EARLIEST and any(stage.start <= fall.end and fall.start <= stage.end for fall in falls)
     ]
+    unexplained = [fall for fall in falls if not any(s.start <= fall.end and fall.start <= s.end for s in shown)]
+    return sorted(shown + unexplained, key=lambda episode: episode.start)

@@ -1,9 +1,9 @@
 """A fast subset of the transitions benchmark (benchmarks/transitions): real recorded runs, scored by replay.
 
-The full benchmark (336 runs, tuning and three held-out sets) is a script, not a test; this checks that the
+The full benchmark (seeds 0-47 of every family, tuning and held-out sets) is a script, not a test; this checks that the
 pipeline works end to end and that the monitor's detection keeps its recall, its latency and its silence on staged
 runs and controls (superposition's slow drop is reported within 150 steps of its start only with L(w*)), and that a
-staircase under an explicit schedule gets an onset and an end per stage.
+staircase under an explicit schedule, and a superposition staircase, get an onset and an end per stage.
 """
 
 import math
@@ -11,14 +11,15 @@ import math
 import pytest
 
 from benchmarks.transitions.families import BUILDERS, CONTROLS
-from benchmarks.transitions.ground_truth import stages
+from benchmarks.transitions.ground_truth import episodes, stages
 from benchmarks.transitions.record import record
 from benchmarks.transitions.score import ground_truth, score_run
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("family", "seed"), [("dln", 1), ("tms", 0), ("parity", 1), ("stairs", 6), ("finetune", 1), ("digits", 1)]
+    ("family", "seed"),
+    [("dln", 1), ("tms", 0), ("parity", 1), ("stairs", 6), ("tms-stairs", 4), ("finetune", 1), ("digits", 1)],
 )
 def test_a_recorded_run_is_scored_against_its_loss_curve(family, seed, tmp_path):
     series = record(BUILDERS[family](seed), directory=tmp_path)
@@ -33,15 +34,19 @@ def test_a_recorded_run_is_scored_against_its_loss_curve(family, seed, tmp_path)
     if family == "stairs":
         assert series["every_n_steps"] and score.episodes == len(score.end_latencies) == 4
         assert max(score.end_latencies) <= 150
+    if family == "tms-stairs":
+        assert score.episodes == len(score.end_latencies) == 2
     assert score.impossible == 0
+
+
+def sigmoid(step: int, at: int) -> float:
+    """From 1 to 0 around step ``at``, over about 100 steps."""
+    return 1 / (1 + math.exp((step - at) / 20))
 
 
 def test_a_part_of_the_loss_that_barely_moves_is_no_stage():
     """Two parts fall 700 steps apart, each a stage; a third (a feature the model never learns) creeps down over the
     whole run, so its 10%-90% stretch spans both falls and, counted, would merge them into one stage."""
-
-    def sigmoid(step: int, at: int) -> float:
-        return 1 / (1 + math.exp((step - at) / 20))
 
     parts = [
         (step, [sigmoid(step, 500), 0.5 * sigmoid(step, 1200), 0.01 * (1 - step / 2000)]) for step in range(0, 2000, 10)
@@ -49,3 +54,17 @@ def test_a_part_of_the_loss_that_barely_moves_is_no_stage():
     full_loss = [(step, sum(values) + 0.01) for step, values in parts]
     found = stages(parts, full_loss)
     assert [(stage.start, stage.end) for stage in found] == [(480, 600), (1180, 1300)]
+
+
+def test_a_fall_that_no_part_explains_alone_stays_an_episode():
+    """Two parts each fall by 8% of the loss at once, after a plateau: neither is a stage by itself, but the loss
+    fell 17% in about 100 steps, which is an episode of the full-set loss rule."""
+    parts = [
+        (step, [0.5 - 0.08 * (1 - sigmoid(step, 800)), 0.5 - 0.08 * (1 - sigmoid(step, 800))])
+        for step in range(0, 1600, 10)
+    ]
+    full_loss = [(step, sum(values)) for step, values in parts]
+    assert [(episode.start, episode.end) for episode in stages(parts, full_loss)] == [
+        (episode.start, episode.end) for episode in episodes(full_loss)
+    ]
+    assert len(episodes(full_loss)) == 1

@@ -1,9 +1,10 @@
 """The transitions benchmark, in one command: record the runs (once; cached), replay the monitor's detection,
 and print recall, false reports, latency and impossible values per family, separately for the tuning seeds and the
-three held-out sets (see ``families.split``). See families.py for the runs, ground_truth.py for what counts as a
+held-out sets (see ``families.split``). See families.py for the runs, ground_truth.py for what counts as a
 transition, score.py for the metrics.
 
     python -m benchmarks.transitions.run [--seeds 48] [--families dln tms parity linear ...] [--jobs 2]
+    python -m benchmarks.transitions.run --seeds 60 --families dln stairs tms-stairs    # + the staircase split
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def main() -> None:
         f"{'end lat.':>8} {'impossible':>10}{agree}"
     )
     for family in args.families:
-        for part in ("tuning", "held-out", "fresh", "latest"):
+        for part in ("tuning", "held-out", "fresh", "latest", "staircase"):
             chosen = [series for series in recorded if series["family"] == family and split(series["seed"]) == part]
             if not chosen:
                 continue

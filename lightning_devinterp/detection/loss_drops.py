@@ -31,10 +31,9 @@ such scale, or the fixed-data loss below when its points are at least as close (
 if longer). The next onset needs a new plateau, which may start a lag before ``R`` calmed (the loss had stopped
 falling there); and for :data:`RESUME_WINDOW` lags after an end, a pause shorter than a plateau is enough: where the
 loss fell slower than ``drop``, or than :data:`SLOWED` of the ended fall's fastest rate, for a while and then speeds
-up again, at some scale, past that scale's threshold and
-:data:`CONTRAST` times the pause's slowest rate, to ``drop`` below the level at the end, the next stage has begun (a
-staircase). An onset's ``before`` is the plateau's (or pause's) level (the median of its smoothed values), ``after``
-the smoothed loss now.
+up again, at some scale, past that scale's threshold and :data:`CONTRAST` times the pause's slowest rate, to
+``drop`` below the level at the end, the next stage has begun (a staircase). An onset's ``before`` is the plateau's
+(or pause's) level (the median of its smoothed values), ``after`` the smoothed loss now.
 
 The noise of ``R`` is the larger of two estimates: the robust spread of successive log-losses (1.4826 x median
 absolute difference / √2) scaled to a ``window``-step running median (x 1.2533 / √window) and to a difference of
@@ -570,10 +569,10 @@ class LossDropDetector:
     def _resumed_fall(self, step: int, rates: list[float | None]) -> Transition | None:
         """The onset of the next stage of a staircase: within :data:`RESUME_WINDOW` lags of a transition's end, after
         a pause in which the loss fell slower than ``drop`` (or than :data:`SLOWED` of the ended fall's fastest rate)
-        at some scale, it falls fast again at that scale (the
-        finest first): at more than that scale's ``drop``, its noise threshold and :data:`CONTRAST` times the pause's
-        slowest rate, and to that scale's ``drop`` below its level at the end. A pause shorter than a plateau is no
-        plateau for the rule of the module docstring, but a fall that stopped and speeds up again is the next stage.
+        at some scale, it falls fast again at that scale (the finest first): at more than that scale's ``drop``, its
+        noise threshold and :data:`CONTRAST` times the pause's slowest rate, and to that scale's ``drop`` below its
+        level at the end. A pause shorter than a plateau is no plateau for the rule of the module docstring, but a
+        fall that stopped and speeds up again is the next stage.
         """
         if self._resume is None or self.direction != "down":
             return None

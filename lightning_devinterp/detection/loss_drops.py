@@ -212,6 +212,10 @@ class _Scale:
             self.rates.popleft()
         return rate
 
+    def level_at(self, step: int) -> float:
+        """The smoothed log-loss at ``step`` (its last value at or before it; the oldest kept, if none is)."""
+        return next((value for at, value in reversed(self.smoothed) if at <= step), self.smoothed[0][1])
+
     def calmest_band(self, step: int, not_before: int) -> tuple[float, float] | None:
         """The narrowest band the smoothed log-loss stayed in over ``plateau_steps``, among stretches ending between
         ``LOOKBACK`` lags and zero before the fall's window (which starts ``lag`` before ``step``) and starting no
@@ -540,11 +544,12 @@ class LossDropDetector:
                 self._onset["fixed_saw"] = True
         if self._onset.get("judge", self._onset["scale"]) is not None:
             return None
-        if not self._calmed(int(step), rate, self.drop, self.lag, self._onset.get("fixed_peak", 0.0)):
+        now = self._fixed.points[-1][1]
+        if not self._calmed(int(step), rate, self.drop, self.lag, self._onset.get("fixed_peak", 0.0), now):
             return None
         reporter = self._onset["scale"]
         noise = self._onset["band"] if reporter is None else self._scales[reporter].noise(self._spread())
-        return self._end(int(step), self._fixed.points[-1][1], self.lag, noise, FIXED_DATA_METRIC)
+        return self._end(int(step), now, self.lag, noise, FIXED_DATA_METRIC)
 
     def _begin_fixed(self, step: int, band: float, level: float) -> Transition:
         """An onset seen on the fixed-data loss; ``before`` is its plateau's level, ``after`` its value now."""
@@ -583,7 +588,7 @@ class LossDropDetector:
             fast = max(scale.drop, self._threshold(scale), CONTRAST * max(pause["slowest"], 0.0))
             paused = pause["slowest"] < max(scale.drop, SLOWED * pause["peak"])
             if paused and rate > fast and pause["level"] - scale.smoothed[-1][1] > scale.drop:
-                return self._begin(step, index, scale, rate, pause["level"], after="after it had slowed to a pause")
+                return self._begin(step, index, scale, rate, pause["before"], after="after it had slowed to a pause")
         return None
 
     def _begin(
@@ -638,45 +643,52 @@ class LossDropDetector:
     def _follow(self, step: int, index: int, rate: float) -> Transition | None:
         assert self._onset is not None
         scale = self._scales[index]
-        if not self._calmed(step, rate, scale.drop, scale.lag, self._onset["peaks"][index]):
+        now = scale.smoothed[-1][1]
+        if not self._calmed(step, rate, scale.drop, scale.lag, self._onset["peaks"][index], now):
             return None
-        return self._end(step, scale.smoothed[-1][1], scale.lag, scale.noise(self._spread()), self.metric)
+        return self._end(step, now, scale.lag, scale.noise(self._spread()), self.metric)
 
-    def _calmed(self, step: int, rate: float | None, drop: float, lag: int, peak: float) -> bool:
+    def _calmed(self, step: int, rate: float | None, drop: float, lag: int, peak: float, now: float) -> bool:
         """Whether the judging series has fallen at less than half its threshold ``drop``, or less than
         :data:`SLOWED` of its fastest rate since the onset (``peak``: a fall that slowed that much has ended, even if
         a slower stage follows), for half a ``lag`` (a missing ``rate`` counts as calm), or sped up again after such a
         dip, past ``drop`` and :data:`CONTRAST` times the dip's slowest rate (a pause between stages); remembers since
-        when (for a dip, the step of its slowest rate).
+        when (for a dip, the step of its slowest rate, and the series' value ``now`` there, where the stage ended).
         """
         assert self._onset is not None
         signed = None if rate is None else self._onset["sign"] * rate
         dip = self._onset.get("dip")
         if signed is not None and signed >= max(drop / 2, SLOWED * peak):
             if dip is not None and signed > max(drop, CONTRAST * dip[1]):
-                self._calm_since = dip[0]
+                self._calm_since, self._onset["pause"] = dip[0], dip
                 return True
             self._calm_since = None
             return False
         if self._calm_since is None:
             self._calm_since = step
         if signed is not None and (dip is None or signed < dip[1]):
-            self._onset["dip"] = (step, signed)
+            self._onset["dip"] = (step, signed, now)
         return step - self._calm_since >= lag // 2
 
     def _end(self, step: int, now: float, lag: int, noise: float, metric: str) -> Transition:
         """The end of the transition under way: its series (``metric``, ``now`` its latest log value) has been calm
         since ``_calm_since``, so over the ``lag`` before that the loss had already stopped falling: the next plateau
-        may start there, which lets a stage that follows soon after this one be seen.
+        may start there, which lets a stage that follows soon after this one be seen. After a pause that a dip of the
+        rate revealed, the stage ended at the dip: ``after``, and the next stage's ``before``, are the values there,
+        not those of the next stage's fall under way (which still has to fall ``drop`` below the value now).
         """
         assert self._onset is not None and self._calm_since is not None
         self._not_before = self._calm_since - lag
         peaks = self._onset.get("peaks", [0.0] * len(self._scales))
+        pause = self._onset.get("pause")
+        if pause is not None:
+            now = pause[2]
         self._resume = {
             "step": step,
             "scales": [
                 {
                     "level": each.smoothed[-1][1],
+                    "before": each.smoothed[-1][1] if pause is None else each.level_at(pause[0]),
                     "slowest": min((rate for _, rate in each.rates), default=math.inf),
                     "peak": peak,
                 }

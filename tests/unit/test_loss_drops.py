@@ -211,17 +211,20 @@ def test_a_slow_stage_after_a_fast_one_is_a_stage_and_the_first_ends_first():
 def test_stages_closer_than_the_lag_and_a_half_an_end_needs_each_get_an_onset(stages):
     """The pause between two falls is shorter than the 150 steps a calm end takes to confirm (or the loss keeps
     falling through it at a twelfth of the stages' rate): the rate's dip and rise close the first stage there, and
-    the second gets its own onset."""
+    the second gets its own onset. The first stage's ``after`` and the second's ``before`` are the loss near the
+    pause, not the loss partway down the second fall."""
+    pause = math.exp(-sum(fall for _, _, fall in stages[:-1]))
     rng = np.random.default_rng(10)
     found = 0
     for _ in range(20):
         events = run_loss(*staircase(rng, stages, steps=1500))
-        ends = [e.step for e in events if not e.is_onset]
-        onsets = [e.step for e in events if e.is_onset]
+        ends = [e for e in events if not e.is_onset]
+        onsets = [e for e in events if e.is_onset]
         found += (
             [e.is_onset for e in events] == [True, False, True, False]
-            and ends[0] <= stages[-1][0] + 100
-            and stages[-1][0] <= onsets[1] <= stages[-1][0] + 150
+            and ends[0].step <= stages[-1][0] + 100
+            and stages[-1][0] <= onsets[1].step <= stages[-1][0] + 150
+            and all(pause / 2 <= value <= 1.2 * pause for value in (ends[0].after, onsets[1].before))
         )
     assert found >= 18
 

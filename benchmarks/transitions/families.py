@@ -19,7 +19,8 @@ Families with staged learning (each loss drop after a plateau is a transition):
   one at a time, each starting a pause drawn from 80 to 400 steps after the previous one is learnt (from the logistic
   growth of a lone feature's column), at rates drawn so that fast and slow stages mix; the remaining features are
   too unimportant to be learnt alone, and some runs represent them in superposition later. Interactions between
-  features shift the stages, so the recorded pauses differ from the drawn ones.
+  features shift the stages, so the recorded pauses differ from the drawn ones. As for ``stairs``, half the seeds
+  are watched under an explicit schedule.
 
 The linear families and ``tms-stairs`` record each stage's part of the loss (a teacher mode's, a feature's), and
 their ground truth takes each stage from it (:func:`~benchmarks.transitions.ground_truth.stages`): a pause shorter
@@ -261,6 +262,7 @@ def _tms_stairs(seed: int) -> Spec:
         begin = end + rng.uniform(*STAIR_PLATEAUS)
         starts.append(1 / (9 * math.exp(rate * begin) + 1))
         end = _feature_times(rate, starts[-1], 0.9)
+    every = rng.choice([50, 100, 150, 200]) if seed % 4 >= 2 else None
     per_rate = 1 / (4 * lr * density / 3)
     importance = torch.tensor([rate * per_rate for rate in rates] + [0.3 * min(rates) * per_rate] * unlearnt)
     norms = torch.tensor(starts + [starts[0]] * unlearnt).sqrt()
@@ -278,11 +280,14 @@ def _tms_stairs(seed: int) -> Spec:
     def stage_losses(net: nn.Module) -> list[float]:
         return (0.5 * importance * (net(x) - x).pow(2).mean(0)).tolist()
 
+    schedule = f"every {every} steps" if every else "default schedule"
     name = (
         f"{features} features into {hidden}, rates {', '.join(f'{r:.3f}' for r in rates)}, "
-        f"density {density:g}, lr {lr:g}"
+        f"density {density:g}, lr {lr:g}, {schedule}"
     )
-    return Spec("tms-stairs", name, seed, int(end * 1.3) + 300, 128, build, stage_losses=stage_losses)
+    return Spec(
+        "tms-stairs", name, seed, int(end * 1.3) + 300, 128, build, every_n_steps=every, stage_losses=stage_losses
+    )
 
 
 def _parity(seed: int) -> Spec:

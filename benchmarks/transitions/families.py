@@ -180,12 +180,20 @@ def _staircase_singular_values(rng: random.Random, first: float, rank: int, star
     return singular
 
 
+def _schedule(rng: random.Random, seed: int) -> tuple[int | None, str]:
+    """How a staircase run is watched: every 50-200 steps (drawn from ``rng``) for half the seeds, else the default
+    schedule (None, without a draw); and its description for the run's name.
+    """
+    every = rng.choice([50, 100, 150, 200]) if seed % 4 >= 2 else None
+    return every, f"every {every} steps" if every else "default schedule"
+
+
 def _stairs(seed: int) -> Spec:
     rng = random.Random(seed)
     width, rank = rng.choice([6, 8]), rng.choice([3, 4])
     lr, init = rng.choice([0.004, 0.006]), rng.choice([1e-4, 3e-4, 1e-3])
     singular = _staircase_singular_values(rng, rng.uniform(2.5, 4.0), rank, init**2 * math.sqrt(width), lr)
-    every = rng.choice([50, 100, 150, 200]) if seed % 4 >= 2 else None
+    every, schedule = _schedule(rng, seed)
     steps = int(_mode_times(singular[-1], init**2 * math.sqrt(width), lr)[1] * 1.15) + 300
     left, teacher = _teacher(torch.Generator().manual_seed(seed), width, singular)
 
@@ -200,7 +208,6 @@ def _stairs(seed: int) -> Spec:
                 layer.weight.normal_(0.0, init)
         return Trainee(net, _regression_loss, lr), data
 
-    schedule = f"every {every} steps" if every else "default schedule"
     name = f"width {width}, singular values {', '.join(f'{v:.2f}' for v in singular)}, init {init:g}, lr {lr:g}, {schedule}"
     return Spec(
         "stairs", name, seed, steps, 100, build, every_n_steps=every, stage_losses=_mode_losses(left, teacher, rank)
@@ -262,7 +269,7 @@ def _tms_stairs(seed: int) -> Spec:
         begin = end + rng.uniform(*STAIR_PLATEAUS)
         starts.append(1 / (9 * math.exp(rate * begin) + 1))
         end = _feature_times(rate, starts[-1], 0.9)
-    every = rng.choice([50, 100, 150, 200]) if seed % 4 >= 2 else None
+    every, schedule = _schedule(rng, seed)
     per_rate = 1 / (4 * lr * density / 3)
     importance = torch.tensor([rate * per_rate for rate in rates] + [0.3 * min(rates) * per_rate] * unlearnt)
     norms = torch.tensor(starts + [starts[0]] * unlearnt).sqrt()
@@ -280,7 +287,6 @@ def _tms_stairs(seed: int) -> Spec:
     def stage_losses(net: nn.Module) -> list[float]:
         return (0.5 * importance * (net(x) - x).pow(2).mean(0)).tolist()
 
-    schedule = f"every {every} steps" if every else "default schedule"
     name = (
         f"{features} features into {hidden}, rates {', '.join(f'{r:.3f}' for r in rates)}, "
         f"density {density:g}, lr {lr:g}, {schedule}"

@@ -122,10 +122,11 @@ def stages(stage_losses: list[tuple[int, list[float]]], full_loss: list[tuple[in
         else:
             merged.append(episode)
     falls = episodes(full_loss)
-    shown = [
-        stage
-        for stage in merged
-        if stage.start >= EARLIEST and any(stage.start <= fall.end and fall.start <= stage.end for fall in falls)
-    ]
-    unexplained = [fall for fall in falls if not any(s.start <= fall.end and fall.start <= s.end for s in shown)]
+    shown = [stage for stage in merged if stage.start >= EARLIEST and any(_overlap(stage, fall) for fall in falls)]
+    unexplained = [fall for fall in falls if not any(_overlap(stage, fall) for stage in shown)]
     return sorted(shown + unexplained, key=lambda episode: episode.start)
+
+
+def _overlap(first: Episode, second: Episode) -> bool:
+    """Whether two episodes share a step."""
+    return first.start <= second.end and second.start <= first.end

@@ -46,6 +46,7 @@ from lightning_devinterp.sampling.config import SamplingConfig, check_setting_na
 from lightning_devinterp.sampling.model_view import LossFn, resolve_loss_fn
 from lightning_devinterp.sampling.params import select_parameter_names
 from lightning_devinterp.sampling.susceptibility import PerSampleLossFn, ProbeSpec
+from lightning_devinterp.tracking.clock import working_time
 from lightning_devinterp.tracking.distributed import Collective
 from lightning_devinterp.tracking.schedule import EstimateSchedule
 from lightning_devinterp.tracking.tracker import SMALLEST, EstimateInputs, LLCRecord, LLCTracker, Processes
@@ -121,8 +122,10 @@ class LLCMonitor(Callback):
         on_error: ``"warn"``: an estimate that raises is skipped with an
             :class:`LLCEstimateWarning` (the same failure again goes to the INFO log only); ``"raise"``: re-raise.
         buffer_size: training batches kept for iterable training data.
-        clock: the wall clock the budget reads (seconds); a deterministic one makes the budgeted schedule
-            reproducible, e.g. in tests or simulations.
+        clock: the clock the budget reads (seconds); a deterministic one makes the budgeted schedule
+            reproducible, e.g. in tests or simulations. Default: the wall clock for training time, and for the
+            monitor's own time the wall clock less garbage-collection pauses (which would have paused training
+            anyway).
         probe: samples to attribute to (a Dataset or DataLoader, read whole); with ``per_sample_loss_fn``, every
             estimate carries each probe sample's susceptibility per group, logged as
             ``susceptibility/<group>/<label>`` and drawn as a heatmap of groups × labels (docs/components.md).
@@ -153,7 +156,7 @@ class LLCMonitor(Callback):
         save_checkpoint: bool = False,
         on_error: Literal["warn", "raise"] = "warn",
         buffer_size: int = 32,
-        clock: Callable[[], float] = time.perf_counter,
+        clock: Callable[[], float] | None = None,
         probe: DataLoader | Dataset | None = None,
         per_sample_loss_fn: PerSampleLossFn | None = None,
         probe_labels: Sequence[Any] | torch.Tensor | None = None,
@@ -164,7 +167,10 @@ class LLCMonitor(Callback):
         check_setting_names(sampling)
         probe_spec = ProbeSpec.from_arguments(probe, per_sample_loss_fn, probe_labels, probe_every)
         self.config = SamplingConfig(**sampling)
-        self.schedule = EstimateSchedule(every_n_steps, log_spaced, max_overhead, clock=clock)
+        work_clock = clock or working_time
+        self.schedule = EstimateSchedule(
+            every_n_steps, log_spaced, max_overhead, clock=clock or time.perf_counter, work_clock=work_clock
+        )
         check_callable("loss_fn", loss_fn, "loss_fn(module, batch)")
         if dataloader is not None and not isinstance(dataloader, DataLoader):
             raise TypeError(f"dataloader must be a torch DataLoader, got {type(dataloader).__name__}.")
@@ -190,8 +196,8 @@ class LLCMonitor(Callback):
             None if loss_detector is False else loss_detector or LossDropDetector(),
             None if detector is False else detector or LevelShiftDetector(metric=names.LLC_MEAN),
         )
-        self.tracker = LLCTracker(self.config, seed, evidence, clock=clock, probe=probe_spec)
-        self.clock = clock
+        self.tracker = LLCTracker(self.config, seed, evidence, clock=work_clock, probe=probe_spec)
+        self.clock = work_clock
         self._losses: list[tuple[int, Any]] = []
         self.previous_fits: list[FitHistory] = []
         self._reset_warnings()
@@ -336,6 +342,7 @@ class LLCMonitor(Callback):
             return
         with self.schedule.timed():
             step = trainer.global_step
+            self.schedule.note_step(step)
             self._remember_loss(trainer, pl_module, step, outputs)
             if step > self.tracker.last_step and self._agreed(trainer, self._due(step)):
                 self._flush_losses(trainer, pl_module)
@@ -456,11 +463,7 @@ class LLCMonitor(Callback):
         self._warned_budget = True
         assert self.schedule.max_overhead is not None
         smallest = self.tracker.smallest_cost() or 0.0
-        training = (
-            max(self.schedule.elapsed() - self.schedule.own_seconds, 1e-9)
-            / max(step, 1)
-            * (self.schedule.total_steps or step)
-        )
+        training = max(self.schedule.projected_training_seconds(step), 1e-9)
         planned = len(self.schedule.plan or []) or 1
         rank_zero_warn(
             f"LLCMonitor: even the smallest estimate ({SMALLEST.num_chains} chains x {SMALLEST.num_steps} SGLD steps) takes about {smallest:.2g}s here, so within "

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import statistics
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -22,6 +24,9 @@ EARLY_FRACTION = 0.1
 MIN_ESTIMATES = 20
 """A curve needs points: on short runs the budget may stretch, up to twice ``max_overhead``, to afford this many
 estimates of the smallest size."""
+
+PACE_STEPS = 256
+"""The recent optimizer steps whose median duration projects the training time."""
 
 FIRST_FRACTION = 0.005
 """The first planned estimate comes after this share of training (at least one step): at a random
@@ -63,7 +68,8 @@ class EstimateSchedule:
         every_n_steps: estimate every this many optimizer steps (and at step 0).
         log_spaced: estimate at this many log-spaced steps (and at step 0).
         max_overhead: the budget, as a fraction of the training time (the default schedule, 0.1).
-        clock: the wall clock the budget reads, in seconds.
+        clock: the wall clock the budget reads, in seconds: training time is read from it.
+        work_clock: what the monitor's own time (:meth:`timed`) is read from; default ``clock``.
 
     Raises:
         ValueError: more than one schedule, or a bad value.
@@ -75,6 +81,7 @@ class EstimateSchedule:
         log_spaced: int | None = None,
         max_overhead: float | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        work_clock: Callable[[], float] | None = None,
     ) -> None:
         chosen = [
             name
@@ -100,6 +107,7 @@ class EstimateSchedule:
         self.log_spaced = log_spaced
         self.max_overhead = max_overhead
         self.clock = clock
+        self.work_clock = work_clock or clock
         self.reset()
 
     def reset(self) -> None:
@@ -113,6 +121,8 @@ class EstimateSchedule:
         self.estimate_seconds = 0.0
         self.last_cost: float | None = None
         self._thinning_credit = 0.5
+        self._last_step: tuple[int, float] | None = None
+        self._step_seconds: deque[float] = deque(maxlen=PACE_STEPS)
 
     @property
     def is_budgeted(self) -> bool:
@@ -168,15 +178,37 @@ class EstimateSchedule:
         """Planned estimates from ``step`` on (this one included)."""
         return sum(planned >= step for planned in self.plan) if self.plan is not None else 1
 
+    def training_seconds(self) -> float:
+        """Training's wall time so far: everything since the start that was not the monitor's own."""
+        return max(self.elapsed() - self.own_seconds, 0.0)
+
+    def note_step(self, step: int) -> None:
+        """Called at every optimizer step: notes the training time each step took (for the pace)."""
+        now = self.training_seconds()
+        if self._last_step is not None and step > self._last_step[0]:
+            self._step_seconds.append((now - self._last_step[1]) / (step - self._last_step[0]))
+        self._last_step = (step, now)
+
+    def projected_training_seconds(self, step: int) -> float:
+        """The training time of the whole run, projected at ``step``: the time so far, and the rest at the pace of
+        a typical step lately (the median of the last :data:`PACE_STEPS`). One-off pauses (the first batch, a
+        garbage collection of 0.1-0.3 s, a validation loop) count once they have happened but are not projected
+        over the rest of the run: early in a short run, one of them would multiply the budget, and the estimates it
+        paid for would leave nothing for the end.
+        """
+        training = self.training_seconds()
+        total = max(self.total_steps or step, step)
+        if not self._step_seconds:
+            return training / max(step, 1) * total
+        return training + statistics.median(self._step_seconds) * (total - step)
+
     def _budget(self, step: int, smallest_cost: float | None) -> float:
-        """The monitor's seconds for the whole run: ``max_overhead`` of the training time projected from ``step``
-        steps so far, stretched (up to twice that) to afford :data:`MIN_ESTIMATES` of ``smallest_cost`` besides its
-        per-step work (the loss fed to the transition detector), projected likewise.
+        """The monitor's seconds for the whole run: ``max_overhead`` of the projected training time, stretched (up
+        to twice that) to afford :data:`MIN_ESTIMATES` of ``smallest_cost`` besides its per-step work (the loss fed
+        to the transition detector), projected likewise.
         """
         assert self.max_overhead is not None
-        training_seconds = max(self.elapsed() - self.own_seconds, 0.0)
-        projected = training_seconds / step * max(self.total_steps or step, step)
-        budget = self.max_overhead * projected
+        budget = self.max_overhead * self.projected_training_seconds(step)
         if smallest_cost is None:
             return budget
         per_step_costs = max(self.own_seconds - self.estimate_seconds, 0.0) / step * max(self.total_steps or step, step)
@@ -216,17 +248,16 @@ class EstimateSchedule:
         if not self.is_budgeted or self.last_cost is None:
             return True
         assert self.max_overhead is not None
-        training_seconds = self.elapsed() - self.own_seconds
-        return self.own_seconds + self.last_cost <= self.max_overhead * training_seconds
+        return self.own_seconds + self.last_cost <= self.max_overhead * self.training_seconds()
 
     @contextmanager
     def timed(self) -> Iterator[None]:
-        """Count the wall time of the block as the monitor's own (every hook runs inside one)."""
-        started = self.clock()
+        """Count the time of the block, by the work clock, as the monitor's own (every hook runs inside one)."""
+        started = self.work_clock()
         try:
             yield
         finally:
-            self.own_seconds += self.clock() - started
+            self.own_seconds += self.work_clock() - started
 
     def record(self, seconds: float) -> None:
         """The last estimate's wall time: it predicts the next one's in runs of unknown length. At the first, the

@@ -1,6 +1,8 @@
 """The budgeted schedule's plan and thinning, and the tracker's response to a change of step size, without a Trainer."""
 
 import dataclasses
+import gc
+import time
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ from hypothesis import strategies as st
 
 from lightning_devinterp import LLCResult, SamplingConfig, TransitionDetector
 from lightning_devinterp.detection.combined import TransitionEvidence
+from lightning_devinterp.tracking.clock import working_time
 from lightning_devinterp.tracking.schedule import EARLY_FRACTION, TARGET_ESTIMATES, EstimateSchedule, planned_steps
 from lightning_devinterp.tracking.tracker import SMALLEST, LLCTracker
 
@@ -46,6 +49,41 @@ def test_a_budget_too_small_for_the_plan_thins_it_evenly():
     assert 9 <= len(kept) <= 11, kept
     assert kept[0] <= 0.1 * 3000 and kept[-1] >= 0.8 * 3000
     assert schedule.own_seconds <= 2 * 0.1 * 3 + 0.06
+
+
+def test_a_pause_early_in_training_is_not_projected_over_the_run():
+    """Training takes 1 ms a step, but step 12 waits 0.3 s (a garbage collection, say). Projected at the pace so far,
+    that pause would make the run 30 times longer at step 20 and the early estimates would spend the whole budget;
+    projected at a typical step's pace, the estimates that run reach the end of training within the budget."""
+    now = [0.0]
+    schedule = EstimateSchedule(max_overhead=0.1, clock=lambda: now[0])
+    schedule.start(3000)
+    schedule.record(0.06)
+    kept, last = [], 0
+    for step in range(1, 3001):
+        now[0] += 0.001 + (0.3 if step == 12 else 0.0)
+        schedule.note_step(step)
+        if schedule.is_due(step, last):
+            last = step
+            allowed = schedule.allowance(step, smallest_cost=0.06)
+            if allowed:
+                kept.append(step)
+                schedule.own_seconds += allowed
+                now[0] += allowed
+    assert kept[-1] >= 0.8 * 3000, kept
+    assert schedule.own_seconds <= 2 * 0.1 * 3.3 + 0.06
+
+
+def test_a_garbage_collection_inside_a_hook_is_not_the_monitors_time():
+    """With the default clocks, a full collection that starts inside a hook is left out of the monitor's time."""
+    heap = [[index] for index in range(1_000_000)]
+    schedule = EstimateSchedule(max_overhead=0.1, work_clock=working_time)
+    started = time.perf_counter()
+    with schedule.timed():
+        gc.collect()
+    wall = time.perf_counter() - started
+    del heap
+    assert wall > 0.005 and schedule.own_seconds < 0.2 * wall
 
 
 def test_a_change_of_step_size_starts_the_llc_series_over():

@@ -20,13 +20,18 @@ for a linear mode, how much of the mode is still missing). It counts only if the
 threshold (0.1 in log) over it and the part's own fall alone is that much of the full-set loss (a part that barely
 moves, such as a feature that stays unrepresented, spans the other stages between its 10% and 90% and would
 otherwise borrow their fall), only inside an episode of the rule above (which says where the loss falls after a
-plateau; the stages split an episode that holds several), and not before step 250. Overlapping stages merge. An
-episode that holds no stage stays an episode of its own (a fall shared by many parts, none of which falls enough
-alone: a superposition model's features adjusting together before the first is learnt).
+plateau; the stages split an episode that holds several). Overlapping stages merge. An episode that holds no stage
+stays an episode of its own (a fall shared by many parts, none of which falls enough alone: a superposition model's
+features adjusting together before the first is learnt).
+
+A stage that starts before step 250 (before any plateau can have been seen), or less than :data:`MIN_PAUSE` steps
+after the previous stage ends (no series shows a plateau between them), is *optional*: a report of its own is not
+false, and no report is no miss.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -38,6 +43,7 @@ class Episode:
     trigger: int
     start: int
     end: int
+    optional: bool = False
 
 
 def episodes(full_loss: list[tuple[int, float]]) -> list[Episode]:
@@ -88,10 +94,16 @@ def episodes(full_loss: list[tuple[int, float]]) -> list[Episode]:
 
 
 EARLIEST = WINDOW + LAG + PLATEAU_STEPS
-"""No stage counts before this step, as no episode does."""
+"""A stage that starts before this step is optional, as no episode is found before it."""
 
 STAGE_START, STAGE_END = 0.1, 0.9
 """A stage runs from this share learnt to this one (in residual amplitude)."""
+
+MIN_PAUSE = 80
+"""A stage that starts less than this many steps after the previous one ends is optional: a report of its own is
+not false, and missing it is no miss. The detector is asked to close a stage at a plateau of at least its smallest
+time scale (100 steps), and the staged families draw their pauses from 80 steps; where the stages' own parts
+interact, a realised pause can come out shorter than drawn."""
 
 
 def stages(stage_losses: list[tuple[int, list[float]]], full_loss: list[tuple[int, float]]) -> list[Episode]:
@@ -118,13 +130,16 @@ def stages(stage_losses: list[tuple[int, list[float]]], full_loss: list[tuple[in
     merged: list[Episode] = []
     for episode in sorted(visible, key=lambda e: e.start):
         if merged and episode.start <= merged[-1].end:
-            merged[-1] = Episode(merged[-1].trigger, merged[-1].start, max(merged[-1].end, episode.end))
+            merged[-1] = dataclasses.replace(merged[-1], end=max(merged[-1].end, episode.end))
+        elif merged and episode.start - merged[-1].end < MIN_PAUSE:
+            merged.append(dataclasses.replace(episode, optional=True))
         else:
             merged.append(episode)
     falls = episodes(full_loss)
     shown = [stage for stage in merged if stage.start >= EARLIEST and any(_overlap(stage, fall) for fall in falls)]
     unexplained = [fall for fall in falls if not any(_overlap(stage, fall) for stage in shown)]
-    return sorted(shown + unexplained, key=lambda episode: episode.start)
+    early = [dataclasses.replace(stage, optional=True) for stage in merged if stage.start < EARLIEST]
+    return sorted(shown + unexplained + early, key=lambda episode: episode.start)
 
 
 def _overlap(first: Episode, second: Episode) -> bool:

@@ -11,7 +11,8 @@ earlier than the monitor's). ``fixed_loss=False`` replays without it.
 
 Metrics per family, for reports (onsets) only:
 - recall: an episode counts as found when a report of its own (each report serves one episode) lies between its
-  start minus one estimation interval (``baseline``) and its end plus 150 steps;
+  start minus one estimation interval (``baseline``) and its end plus 150 steps; an optional one (a stage too soon
+  after the previous, see ``ground_truth.MIN_PAUSE``) takes a report if there is one, and counts neither way;
 - false reports per run: reports that found no episode (on control runs, every report);
 - median latency: from an episode's start to its report, over found episodes;
 - median end latency: from an episode's end to the first end report after its onset, over found episodes;
@@ -168,12 +169,14 @@ def score_run(series: dict[str, Any], post_hoc: bool = False, **replay_kwargs: A
         reports, seen = replay(series, **{"loss_settings": {}, "llc_settings": {}, **replay_kwargs})
     onsets = [report for report in reports if report.is_onset]
     ends = [report for report in reports if not report.is_onset]
-    result = Score(runs=1, episodes=len(truth), reports=len(onsets))
+    result = Score(runs=1, episodes=sum(not episode.optional for episode in truth), reports=len(onsets))
     unused = list(onsets)
-    for episode in truth:
+    for episode in sorted(truth, key=lambda episode: episode.optional):
         match = next((r for r in unused if episode.start - RECALL_BEFORE <= r.step <= episode.end + RECALL_AFTER), None)
         if match is not None:
             unused.remove(match)
+            if episode.optional:
+                continue
             result.found += 1
             result.latencies.append(match.step - episode.start)
             end = next((report for report in ends if report.step > match.step), None)

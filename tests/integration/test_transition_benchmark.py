@@ -68,3 +68,16 @@ def test_a_fall_that_no_part_explains_alone_stays_an_episode():
         (episode.start, episode.end) for episode in episodes(full_loss)
     ]
     assert len(episodes(full_loss)) == 1
+
+
+def test_a_stage_too_soon_after_the_previous_or_before_any_plateau_is_optional():
+    """Four parts fall around steps 150, 700, 860 and 1400 (each stage about 120 steps from 10% to 90% learnt). The
+    first falls before any plateau could have been seen, and the third starts 40 steps after the second ends: a
+    report of either is welcome, and its absence is no miss. The second and the fourth are stages of their own."""
+    parts = [
+        (step, [sigmoid(step, 150), sigmoid(step, 700), sigmoid(step, 860), sigmoid(step, 1400)])
+        for step in range(0, 1900, 10)
+    ]
+    full_loss = [(step, sum(values) + 0.05) for step, values in parts]
+    found = [(stage.start, stage.end, stage.optional) for stage in stages(parts, full_loss)]
+    assert found == [(130, 250, True), (680, 800, False), (840, 960, True), (1380, 1500, False)]

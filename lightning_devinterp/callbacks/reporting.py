@@ -18,6 +18,7 @@ from lightning_devinterp import metric_names as names
 from lightning_devinterp.detection.transition import Transition, TransitionWarning
 from lightning_devinterp.plotting import pyplot, read_runs, runs_figure, susceptibility_heatmap
 from lightning_devinterp.sampling.calibration import CalibrationResult
+from lightning_devinterp.sampling.result import LLCResult
 from lightning_devinterp.tracking.tracker import LLCRecord
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,16 @@ def report_epsilon(trainer: pl.Trainer, record: LLCRecord, previous: float | Non
         logger.experiment.add_text("devinterp/epsilon", message, global_step=record.step)
 
 
+_LLC_FIELDS = ("mean", "std", "stderr", "lower", "upper")
+"""What is logged of λ̂, for the full model (``llc/<field>``) and each group (``llc/<group>/<field>``)."""
+
+
+def _llc_fields(result: LLCResult) -> tuple[float, ...]:
+    """λ̂, the spread over chains, the standard error and the 90% interval, in the order of :data:`_LLC_FIELDS`."""
+    lower, upper = result.llc_interval
+    return result.llc_mean, result.llc_std, result.llc_stderr, lower, upper
+
+
 def report_estimate(trainer: pl.Trainer, record: LLCRecord) -> None:
     """Log an estimate: ``llc/*`` scalars to every logger at its step, and a healthy one to the Trainer's metrics.
 
@@ -156,14 +167,11 @@ def report_estimate(trainer: pl.Trainer, record: LLCRecord) -> None:
         record: the estimate.
     """
     result = record.result
+    full_model = (names.LLC_MEAN, names.LLC_STD, names.LLC_STDERR, names.LLC_LOWER, names.LLC_UPPER)
     log_scalars(
         trainer,
         {
-            names.LLC_MEAN: record.llc_mean,
-            names.LLC_STD: record.llc_std,
-            names.LLC_STDERR: result.llc_stderr,
-            names.LLC_LOWER: result.llc_interval[0],
-            names.LLC_UPPER: result.llc_interval[1],
+            **dict(zip(full_model, _llc_fields(result))),
             names.LLC_INIT_LOSS: result.init_loss,
             names.LLC_NBETA: result.nbeta,
             names.LLC_ACCEPTANCE: result.acceptance_mean,
@@ -173,13 +181,7 @@ def report_estimate(trainer: pl.Trainer, record: LLCRecord) -> None:
             **{
                 names.group_metric(name, field): value
                 for name, group in result.groups.items()
-                for field, value in (
-                    ("mean", group.llc_mean),
-                    ("std", group.llc_std),
-                    ("stderr", group.llc_stderr),
-                    ("lower", group.llc_interval[0]),
-                    ("upper", group.llc_interval[1]),
-                )
+                for field, value in zip(_LLC_FIELDS, _llc_fields(group))
             },
             **{
                 names.susceptibility_metric(group, label): value

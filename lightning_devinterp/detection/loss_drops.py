@@ -150,6 +150,11 @@ class _CalmRates:
         self.pending.extend((int(s), float(r)) for s, r in state.get("pending", []))
 
 
+def _latest(points: deque[tuple[int, float]], step: int) -> tuple[int, float] | None:
+    """The last of ``points`` (step-ordered ``(step, value)`` pairs) at or before ``step``; None if there is none."""
+    return next((point for point in reversed(points) if point[0] <= step), None)
+
+
 class _Scale:
     """The rule at one time scale: its smoothed series, its rates, and whether a fall it reported is under way."""
 
@@ -201,10 +206,10 @@ class _Scale:
         self.smoothed.append((step, smoothed))
         while self.smoothed and self.smoothed[0][0] < step - (LOOKBACK + 1) * self.lag - self.plateau_steps:
             self.smoothed.popleft()
-        earlier = next((value for at, value in reversed(self.smoothed) if at <= step - self.lag), None)
+        earlier = _latest(self.smoothed, step - self.lag)
         if earlier is None:
             return None
-        rate = earlier - smoothed
+        rate = earlier[1] - smoothed
         if calm:
             self._remember(step, rate)
         self.rates.append((step, rate))
@@ -214,7 +219,7 @@ class _Scale:
 
     def level_at(self, step: int) -> float:
         """The smoothed log-loss at ``step`` (its last value at or before it; the oldest kept, if none is)."""
-        return next((value for at, value in reversed(self.smoothed) if at <= step), self.smoothed[0][1])
+        return (_latest(self.smoothed, step) or self.smoothed[0])[1]
 
     def calmest_band(self, step: int, not_before: int) -> tuple[float, float] | None:
         """The narrowest band the smoothed log-loss stayed in over ``plateau_steps``, among stretches ending between
@@ -327,7 +332,7 @@ class _FixedData:
         longer gap, scaled down to ``lag`` steps); None without such a point.
         """
         step, value = self.points[-1]
-        earlier = next(((at, v) for at, v in reversed(self.points) if at <= step - self.lag), None)
+        earlier = _latest(self.points, step - self.lag)
         if earlier is None:
             return None
         return (earlier[1] - value) * self.lag / max(step - earlier[0], self.lag)

@@ -210,8 +210,8 @@ def sampling_half_width(result: Any) -> float:
 def reference(
     run: Run, seed: int, weights: dict[str, torch.Tensor], result: Any, args: argparse.Namespace, **extra: Any
 ) -> dict[str, float]:
-    """Long references at ``weights`` and the estimate's settings: the full model's under ``"all"`` and, with
-    ``--groups``, each group's.
+    """Long references at ``weights`` and the estimate's settings (its loss tilted or not, unless ``extra`` says): the
+    full model's under ``"all"`` and, with ``--groups``, each group's.
     """
     module = run.make_module(seed)
     module.load_state_dict(weights)
@@ -221,7 +221,7 @@ def reference(
             module, run.make_data(seed), batch_size=run.batch_size, epsilon=result.epsilon, nbeta=result.nbeta,
             gamma=result.gamma, num_chains=args.reference_chains, num_draws=args.reference_draws,
             num_burnin_steps=args.reference_burnin, seed=1000 + reference_seed,
-            param_groups=run.groups if args.groups else None, **extra,
+            param_groups=run.groups if args.groups else None, **{"tilted": getattr(result, "tilted", False), **extra},
         )  # fmt: skip
         for name, part in {FULL_MODEL: long, **long.groups}.items():
             values.setdefault(name, []).append(part.llc_mean)

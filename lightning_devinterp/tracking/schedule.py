@@ -183,9 +183,14 @@ class EstimateSchedule:
         return max(self.elapsed() - self.own_seconds, 0.0)
 
     def note_step(self, step: int) -> None:
-        """Called at every optimizer step: notes the training time each step took (for the pace)."""
+        """Called after every training batch with the optimizer step reached: notes the training time each step took
+        (for the pace), from the first batch that reached one step to the first that reached the next, so that the
+        batches a step accumulates all count.
+        """
+        if self._last_step is not None and step <= self._last_step[0]:
+            return
         now = self.training_seconds()
-        if self._last_step is not None and step > self._last_step[0]:
+        if self._last_step is not None:
             self._step_seconds.append((now - self._last_step[1]) / (step - self._last_step[0]))
         self._last_step = (step, now)
 

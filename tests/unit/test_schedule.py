@@ -74,6 +74,17 @@ def test_a_pause_early_in_training_is_not_projected_over_the_run():
     assert schedule.own_seconds <= 2 * 0.1 * 3.3 + 0.06
 
 
+def test_the_pace_counts_every_batch_a_step_accumulates():
+    """Four batches of 1 ms each make an optimizer step: the run of 1000 steps is projected at 4 s, not 1 s."""
+    now = [0.0]
+    schedule = EstimateSchedule(max_overhead=0.1, clock=lambda: now[0])
+    schedule.start(1000)
+    for batch in range(1, 401):
+        now[0] += 0.001
+        schedule.note_step(batch // 4)
+    assert schedule.projected_training_seconds(100) == pytest.approx(4.0, rel=0.01)
+
+
 def test_a_garbage_collection_inside_a_hook_is_not_the_monitors_time():
     """With the default clocks, a full collection that starts inside a hook is left out of the monitor's time."""
     heap = [[index] for index in range(1_000_000)]

@@ -47,7 +47,7 @@ def group_metric(group: str, field: str) -> str:
 
     Args:
         group: the group's name (a key of ``param_groups``).
-        field: ``"mean"`` or ``"std"``.
+        field: ``"mean"``, ``"std"``, ``"stderr"``, ``"lower"`` or ``"upper"``.
     """
     return f"{PREFIX}{group}/{field}"
 

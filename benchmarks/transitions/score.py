@@ -11,8 +11,9 @@ earlier than the monitor's). ``fixed_loss=False`` replays without it.
 
 Metrics per family, for reports (onsets) only:
 - recall: an episode counts as found when a report of its own (each report serves one episode) lies between its
-  start minus one estimation interval (``baseline``) and its end plus 150 steps; an optional one (a stage too soon
-  after the previous, see ``ground_truth.MIN_PAUSE``) takes a report if there is one, and counts neither way;
+  start minus one estimation interval (``baseline``) and its end plus 150 steps; an optional one (a stage that starts
+  before step 250 or too soon after the previous, see ``ground_truth``) takes a report if there is one, and counts
+  neither way;
 - false reports per run: reports that found no episode (on control runs, every report);
 - median latency: from an episode's start to its report, over found episodes;
 - median end latency: from an episode's end to the first end report after its onset, over found episodes;

@@ -46,7 +46,6 @@ from benchmarks.ordinary_runs import Classifier, Regressor, SmallCNN, TinyTransf
 from examples.dln_stagewise import teacher_data
 from lightning_devinterp import LLCMonitor, estimate_llc
 from lightning_devinterp.sampling.chains import FULL_MODEL
-from lightning_devinterp.sampling.uncertainty import MeanError
 
 RESULTS = Path(__file__).resolve().parent / "precision_results"
 
@@ -202,11 +201,6 @@ def interval(result: Any, record: Any) -> tuple[float, float]:
     return record.llc_mean - record.llc_std, record.llc_mean + record.llc_std
 
 
-def sampling_half_width(result: Any) -> float:
-    """Half the interval's width from the sampling error alone, without the allowance for unrelaxed chains."""
-    return MeanError(result.llc_stderr, result.effective_draws).half_width()
-
-
 def reference(
     run: Run, seed: int, weights: dict[str, torch.Tensor], result: Any, args: argparse.Namespace, **extra: Any
 ) -> dict[str, float]:
@@ -234,7 +228,7 @@ def compare(result: Any, llc: float, bounds: tuple[float, float], truth: float) 
     return {
         "llc": llc, "lower": lower, "upper": upper, "reference": truth, "error": abs(llc - truth) / abs(truth),
         "covered": lower <= truth <= upper, "relaxed_share": getattr(result, "relaxed_share", math.nan),
-        "covered_by_sampling_error": abs(llc - truth) <= sampling_half_width(result),
+        "covered_by_sampling_error": abs(llc - truth) <= result.sampling_error.half_width(),
     }  # fmt: skip
 
 

@@ -33,8 +33,10 @@ class LLCResult:
     Each chain's λ̂ is ``nbeta`` times the mean increase of its draws' losses over the loss at w*: with ``paired``
     draws (the default) the increase of each draw over the same minibatch's loss at w*, L_B(w_t) − L_B(w*), else over
     L(w*) on the whole data. ``llc_mean`` is the mean over chains; ``llc_std`` the spread of the per-chain values
-    (ddof 1); ``llc_stderr`` the standard error of ``llc_mean`` from all the draws and their autocorrelation
-    (:mod:`~lightning_devinterp.sampling.uncertainty`), and ``llc_interval`` a 90% interval for λ̂.
+    (ddof 1); ``llc_stderr`` the standard error of ``llc_mean``, from all the draws and their autocorrelation or from
+    the spread of the chains, whichever is wider (:mod:`~lightning_devinterp.sampling.uncertainty`), with
+    ``stderr_degrees`` degrees of freedom; ``effective_draws`` the draws' effective sample size; and ``llc_interval``
+    a 90% interval for λ̂.
 
     Chains started at w* read low until they have relaxed: ``steps_before_draws`` counts the SGLD steps they had run
     since that start when the first draw was taken (more than the burn-in when the monitor warm-starts them), and
@@ -76,6 +78,7 @@ class LLCResult:
     probe_labels: Any = None
     steps_before_draws: int | None = None
     relaxed_share: float = math.nan
+    stderr_degrees: float = math.nan
 
     @property
     def paired(self) -> bool:
@@ -83,11 +86,16 @@ class LLCResult:
         return self.anchor_loss_trace is not None
 
     @property
+    def sampling_error(self) -> MeanError:
+        """The standard error of ``llc_mean`` with its effective draws and degrees of freedom."""
+        return MeanError(self.llc_stderr, self.effective_draws, self.stderr_degrees)
+
+    @property
     def llc_interval(self) -> tuple[float, float]:
         """A 90% interval for λ̂: ``llc_mean`` ± a Student-t quantile times ``llc_stderr``, the upper end divided by
         ``relaxed_share`` when the chains may not have relaxed (a positive estimate can then be up to that much low).
         """
-        half = MeanError(self.llc_stderr, self.effective_draws).half_width()
+        half = self.sampling_error.half_width()
         lower, upper = self.llc_mean - half, self.llc_mean + half
         if 0 < self.relaxed_share < 1 and upper > 0:
             upper /= self.relaxed_share
@@ -250,6 +258,7 @@ def _summarize_group(run: ChainRun, config: SamplingConfig, group: int) -> LLCRe
         },
         llc_stderr=run.nbeta * error.standard_error,
         effective_draws=error.effective_draws,
+        stderr_degrees=error.degrees_of_freedom,
         anchor_loss_trace=anchors.float() if anchors is not None else None,
         tilted=config.tilted,
         susceptibility=None if chi is None else chi.value.float(),

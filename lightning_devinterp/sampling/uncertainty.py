@@ -8,6 +8,13 @@ the variance includes the spread between chains (Vehtari et al. 2021, "Rank-norm
 localization: an improved R̂"; ArviZ's ``ess(method="mean")`` is the reference implementation). The standard error
 of the mean is ``sqrt(var / ESS)``.
 
+That estimate misses a slow component hidden under fast noise: minibatch noise makes the draws look nearly
+independent, so the estimated autocorrelation falls into noise within a few lags, while the loss at the chains'
+positions wanders on a time scale of tens of draws, longer than a short chain. The chains themselves are independent
+replications, so the spread of their means is an unbiased, if rough (chains − 1 degrees of freedom), estimate of the
+grand mean's variance whatever the autocorrelation. The reported error is whichever of the two gives the wider
+interval.
+
 Sampling noise is not the only error of a short estimate: chains started at w* take time to spread out, so their
 draws read low until they have relaxed. :func:`relaxed_share` bounds how far (docs/mathematics.md), and the interval
 of :class:`~lightning_devinterp.LLCResult` allows for it.
@@ -27,21 +34,24 @@ INTERVAL_LEVEL = 0.9
 
 @dataclass(frozen=True)
 class MeanError:
-    """The standard error of a mean over chains, and the effective number of independent draws behind it."""
+    """The standard error of a mean over chains, the effective number of independent draws (ESS) the draws'
+    autocorrelation implies, and the degrees of freedom of the standard error (NaN: ESS − 1).
+    """
 
     standard_error: float
     effective_draws: float
+    degrees_of_freedom: float = math.nan
 
     def half_width(self, level: float = INTERVAL_LEVEL) -> float:
-        """Half the width of a two-sided interval for the mean at ``level`` (Student's t with ESS − 1 degrees of
-        freedom).
+        """Half the width of a two-sided interval for the mean at ``level`` (Student's t).
 
         Args:
             level: the probability the interval should cover the mean's long-run value.
         """
         if not math.isfinite(self.standard_error):
             return math.nan
-        return student_t_quantile(0.5 + level / 2, max(self.effective_draws - 1.0, 1.0)) * self.standard_error
+        degrees = self.degrees_of_freedom if math.isfinite(self.degrees_of_freedom) else self.effective_draws - 1.0
+        return student_t_quantile(0.5 + level / 2, max(degrees, 1.0)) * self.standard_error
 
 
 def _autocovariance(chains: Tensor) -> Tensor:
@@ -55,16 +65,29 @@ def _autocovariance(chains: Tensor) -> Tensor:
 
 
 def mean_error(trace: Tensor) -> MeanError:
-    """The standard error of the grand mean of ``trace`` and its effective sample size.
+    """The standard error of the grand mean of ``trace``: from the draws' autocorrelation or from the spread of the
+    chains' means, whichever gives the wider interval; and the effective sample size.
 
     Args:
         trace: draws ``[chains, draws]``, all finite; each chain is split in halves first, so at least 4 draws per
             chain are needed for an autocorrelation estimate (with fewer, the draws count as independent).
 
     Returns:
-        The standard error and the ESS (at most the number of draws times a small factor, for antithetic chains).
+        The standard error, its degrees of freedom, and the ESS from the autocorrelation (at most the number of draws
+        times a small factor, for antithetic chains).
     """
-    trace = trace.double()
+    from_draws = _autocorrelation_error(trace.double())
+    chains = trace.shape[0]
+    if chains < 2 or not math.isfinite(from_draws.standard_error):
+        return from_draws
+    from_chains = MeanError(
+        float(trace.double().mean(dim=1).std()) / math.sqrt(chains), from_draws.effective_draws, chains - 1.0
+    )
+    return max(from_draws, from_chains, key=lambda error: error.half_width())
+
+
+def _autocorrelation_error(trace: Tensor) -> MeanError:
+    """The standard error of the grand mean of ``trace`` ``[chains, draws]`` from its split-chain ESS."""
     chains, draws = trace.shape
     total = chains * draws
     if total < 2:

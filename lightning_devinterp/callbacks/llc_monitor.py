@@ -49,7 +49,7 @@ from lightning_devinterp.sampling.susceptibility import PerSampleLossFn, ProbeSp
 from lightning_devinterp.tracking.clock import working_time
 from lightning_devinterp.tracking.distributed import Collective
 from lightning_devinterp.tracking.schedule import EstimateSchedule
-from lightning_devinterp.tracking.tracker import SMALLEST, EstimateInputs, LLCRecord, LLCTracker, Processes
+from lightning_devinterp.tracking.tracker import EstimateInputs, LLCRecord, LLCTracker, Processes
 
 log = logging.getLogger(__name__)
 
@@ -462,11 +462,12 @@ class LLCMonitor(Callback):
             return
         self._warned_budget = True
         assert self.schedule.max_overhead is not None
+        shape = self.tracker.smallest_shape()
         smallest = self.tracker.smallest_cost() or 0.0
         training = max(self.schedule.projected_training_seconds(step), 1e-9)
         planned = len(self.schedule.plan or []) or 1
         rank_zero_warn(
-            f"LLCMonitor: even the smallest estimate ({SMALLEST.num_chains} chains x {SMALLEST.num_steps} SGLD steps) takes about {smallest:.2g}s here, so within "
+            f"LLCMonitor: even the smallest estimate ({shape.num_chains} chains x {shape.num_steps} SGLD steps) takes about {smallest:.2g}s here, so within "
             f"max_overhead={self.schedule.max_overhead:g} this run affords about {int(self.schedule.max_overhead * training / max(smallest, 1e-9))} "
             f"of the {planned} planned estimates; some are skipped. All of them would cost about {planned * smallest / training:.0%} "
             "of the training time: raise max_overhead, or choose every_n_steps=... .",

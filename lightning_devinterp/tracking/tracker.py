@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager as ContextManager
@@ -63,6 +64,21 @@ the spread across chains is what the health checks judge drift against)."""
 
 LARGEST = ChainShape(num_chains=4, num_burnin_steps=50, num_draws=200)
 """The largest estimate the budget sizes up to (also the chain shape of the explicit schedules)."""
+
+TARGET_RELATIVE_ERROR = 0.05
+"""The relative standard error of λ̂ the budgeted schedule sizes its estimates for: no more draws than recent
+estimates say reach it, and, where they say fewer than :data:`SMALLEST`'s reach it, as few as :data:`FEWEST_DRAWS`,
+so that the budget affords more estimates."""
+
+FEWEST_DRAWS = 10
+"""The fewest draws per chain of a budgeted estimate, however precise recent estimates were."""
+
+PRECISION_HISTORY = 3
+"""Recent healthy estimates whose standard errors, per draw, size the next one (their median, as each is rough)."""
+
+RELAXED_ENOUGH = 0.9
+"""Estimates are cut to their precision target only while the chains have relaxed this far (``relaxed_share``):
+until then, steps spent sampling also move the chains towards their long-run spread."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,11 +232,38 @@ class LLCTracker:
         fixed, per_step = self._costs[measured]
         return fixed + shape.num_steps * per_step * math.sqrt(shape.num_chains / measured)
 
+    def draws_for_target(self) -> int | None:
+        """Draws per chain that reach :data:`TARGET_RELATIVE_ERROR`, from the standard errors of the last
+        :data:`PRECISION_HISTORY` healthy estimates with a positive λ̂ (scaled as one over the draws); None while
+        there are none, or while the latest of them had not relaxed (:data:`RELAXED_ENOUGH`).
+        """
+        recent = [
+            record.result
+            for record in self.history[-PRECISION_HISTORY:]
+            if record.healthy and record.llc_mean > 0 and math.isfinite(record.result.llc_stderr)
+        ]
+        if not recent or not recent[-1].relaxed_share >= RELAXED_ENOUGH:
+            return None
+        per_draw = statistics.median(
+            (result.llc_stderr / result.llc_mean) ** 2 * result.loss_trace.shape[1] for result in recent
+        )
+        return math.ceil(per_draw / TARGET_RELATIVE_ERROR**2)
+
+    def smallest_shape(self) -> ChainShape:
+        """The smallest estimate the budget sizes down to: :data:`SMALLEST`, with fewer draws (down to
+        :data:`FEWEST_DRAWS`) where recent estimates say fewer reach :data:`TARGET_RELATIVE_ERROR`.
+        """
+        needed = self.draws_for_target()
+        if needed is None or self.config.num_draws is not None:
+            return SMALLEST
+        return dataclasses.replace(SMALLEST, num_draws=min(max(needed, FEWEST_DRAWS), SMALLEST.num_draws))
+
     def shape_for(self, allowance: float | None, budgeted: bool = False) -> ChainShape | None:
         """The chain shape of the next estimate: the configured one where set, otherwise the largest that fits
-        ``allowance`` seconds (None: no limit), between :data:`SMALLEST` and :data:`LARGEST`; None if not even the
-        smallest fits. Under a budget, until a cost has been measured: a small probe (the configured or largest
-        chain count, :data:`SMALLEST`'s steps) whose cost then sizes the rest.
+        ``allowance`` seconds (None: no limit), between :meth:`smallest_shape` and :data:`LARGEST`; None if not even
+        the smallest fits. Under a budget, until a cost has been measured: a small probe (the configured or largest
+        chain count, :data:`SMALLEST`'s steps) whose cost then sizes the rest; once recent estimates say how many
+        draws reach :data:`TARGET_RELATIVE_ERROR`, no more than that (the budget left goes to later estimates).
         """
         configured = {
             f: getattr(self.config, f)
@@ -233,6 +276,14 @@ class LLCTracker:
             return dataclasses.replace(
                 SMALLEST, num_chains=largest.num_chains, **{k: v for k, v in configured.items() if k != "num_chains"}
             )
+        needed = self.draws_for_target() if budgeted and "num_draws" not in configured else None
+        if needed is not None and needed < largest.num_draws:
+            largest = dataclasses.replace(
+                largest,
+                num_burnin_steps=configured.get("num_burnin_steps", SMALLEST.num_burnin_steps),
+                num_draws=max(needed, FEWEST_DRAWS),
+            )
+            cost = self._cost(largest)
         if allowance is None or cost is None or cost <= allowance:
             return largest
         fixed = self._cost(dataclasses.replace(largest, num_burnin_steps=0, num_draws=0))
@@ -243,14 +294,14 @@ class LLCTracker:
         burnin = configured.get(
             "num_burnin_steps", min(max(SMALLEST.num_burnin_steps, steps // 5), LARGEST.num_burnin_steps)
         )
-        draws = configured.get("num_draws", min(steps - burnin, LARGEST.num_draws))
-        if draws >= SMALLEST.num_draws and burnin + draws <= steps:
+        draws = configured.get("num_draws", min(steps - burnin, largest.num_draws))
+        if draws >= self.smallest_shape().num_draws and burnin + draws <= steps:
             return ChainShape(largest.num_chains, burnin, draws)
         return None
 
     def smallest_cost(self) -> float | None:
-        """Predicted seconds of the smallest estimate (for telling the user what the budget cannot afford)."""
-        return self._cost(SMALLEST)
+        """Predicted seconds of the smallest estimate (:meth:`smallest_shape`): what the budget plans with."""
+        return self._cost(self.smallest_shape())
 
     # ---- which step size ----------------------------------------------------------------------------------------
 

@@ -1,12 +1,17 @@
 """LLCMonitor() with no arguments: a planned, budgeted curve at one adapted step size, in real fits."""
 
+import statistics
 import warnings
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_devinterp import LLCEstimateWarning, LLCMonitor
+from lightning_devinterp.theory import quadratic_sgld_llc
+from lightning_devinterp.tracking.tracker import SMALLEST, TARGET_RELATIVE_ERROR
 from tests.helpers.models import gaussian_nll
 from tests.helpers.trainers import AtMinimum, Regressor, make_trainer, regression_loader
 
@@ -92,3 +97,55 @@ def test_a_plan_the_budget_cannot_afford_is_announced_once(tmp_path):
         trainer.fit(module, regression_loader())
     assert len([w for w in caught if "affords about" in str(w.message)]) == 1
     assert 1 <= len(monitor.history) < 20
+
+
+class WideAtMinimum(pl.LightningModule):
+    """Linear regression from 24 features to 8 outputs (200 parameters) at its least-squares solution, barely moving,
+    on a machine of known speed (as :class:`CountedWork`): λ̂ is large and its relative error small, and the exact
+    SGLD expectation at the monitor's settings is known from the Hessian."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(1024, 24, generator=generator)
+        y = x @ torch.randn(24, 8, generator=generator) + torch.randn(1024, 8, generator=generator)
+        self.data = TensorDataset(x, y)
+        self.linear = nn.Linear(24, 8)
+        design = torch.cat([x, torch.ones(len(x), 1)], dim=1)
+        solution = torch.linalg.lstsq(design, y).solution
+        with torch.no_grad():
+            self.linear.weight.copy_(solution[:-1].T)
+            self.linear.bias.copy_(solution[-1])
+        self.curvatures = torch.linalg.eigvalsh(design.T @ design / len(x)).tolist() * 8
+        self.seconds = 0.0
+
+    def clock(self) -> float:
+        return self.seconds
+
+    def training_step(self, batch, batch_idx):
+        self.seconds += 0.003 if self.training else 0.0003
+        return gaussian_nll(self.linear, batch)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-7)
+
+
+def test_precise_estimates_take_fewer_draws_and_stay_exact(tmp_path):
+    """Once recent estimates reach the target error with draws to spare, the next take fewer (down to 10 a chain, at
+    the smallest); those still match the exact SGLD expectation at their settings."""
+    module = WideAtMinimum()
+    monitor = LLCMonitor(clock=module.clock)
+    pl.seed_everything(0)
+    trainer = make_trainer(tmp_path, [monitor], max_steps=1500)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LLCEstimateWarning)
+        trainer.fit(module, DataLoader(module.data, batch_size=32, shuffle=True))
+    draws = [record.result.loss_trace.shape[1] for record in monitor.history]
+    assert len(draws) >= 20 and min(draws[3:]) < SMALLEST.num_draws
+    late = [record.result for record in monitor.history[3:]]
+    errors = [
+        result.llc_mean / quadratic_sgld_llc(module.curvatures, result.nbeta, result.gamma, result.epsilon) - 1
+        for result in late
+    ]
+    assert statistics.median(abs(error) for error in errors) <= 0.1 and abs(statistics.mean(errors)) <= 0.1
+    assert statistics.median(result.llc_stderr / result.llc_mean for result in late) <= 2 * TARGET_RELATIVE_ERROR

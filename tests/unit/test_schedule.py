@@ -13,7 +13,13 @@ from lightning_devinterp import LLCResult, SamplingConfig, TransitionDetector
 from lightning_devinterp.detection.combined import TransitionEvidence
 from lightning_devinterp.tracking.clock import working_time
 from lightning_devinterp.tracking.schedule import EARLY_FRACTION, TARGET_ESTIMATES, EstimateSchedule, planned_steps
-from lightning_devinterp.tracking.tracker import SMALLEST, LLCTracker
+from lightning_devinterp.tracking.tracker import (
+    FEWEST_DRAWS,
+    LARGEST,
+    SMALLEST,
+    TARGET_RELATIVE_ERROR,
+    LLCTracker,
+)
 
 
 @settings(max_examples=50, deadline=None)
@@ -127,3 +133,63 @@ def test_the_smallest_estimate_fits_the_allowance_of_exactly_its_cost(costs):
     shape = tracker.shape_for(allowance=tracker.smallest_cost(), budgeted=True)
     assert shape == SMALLEST
     assert tracker.shape_for(allowance=0.99 * tracker.smallest_cost(), budgeted=True) is None
+
+
+def _tracker_after(relative_error: float, relaxed_share: float = 1.0, draws: int = 30) -> LLCTracker:
+    """A tracker whose last three estimates had ``draws`` draws per chain and this relative standard error."""
+    tracker = LLCTracker(SamplingConfig(), seed=0, evidence=TransitionEvidence(None, None))
+    tracker._costs[4] = (0.01, 0.001)
+    for step in (100, 200, 300):
+        result = LLCResult(
+            llc_mean=10.0,
+            llc_std=1.0,
+            llc_per_chain=torch.full((4,), 10.0),
+            loss_trace=torch.zeros(4, draws),
+            acceptance=torch.full((4,), 0.95),
+            init_loss=0.0,
+            nbeta=10.0,
+            llc_stderr=10.0 * relative_error,
+            relaxed_share=relaxed_share,
+        )
+        tracker.record(step, result, 0.1)
+    return tracker
+
+
+@settings(max_examples=50, deadline=None)
+@given(relative_error=st.floats(0.005, 0.5), draws=st.integers(10, 200))
+def test_estimates_are_sized_for_the_target_error(relative_error, draws):
+    """Draws scale as one over the squared relative error: the budget gets the draws that recent estimates say
+    reach the target, never fewer than FEWEST_DRAWS, and never more than fit."""
+    tracker = _tracker_after(relative_error, draws=draws)
+    needed = draws * (relative_error / TARGET_RELATIVE_ERROR) ** 2
+    assert tracker.draws_for_target() == pytest.approx(needed, abs=1.0)
+    ample = tracker.shape_for(allowance=100.0, budgeted=True)
+    assert ample is not None
+    assert abs(ample.num_draws - min(max(needed, FEWEST_DRAWS), LARGEST.num_draws)) <= 1
+    smallest = tracker.smallest_shape()
+    assert FEWEST_DRAWS <= smallest.num_draws <= SMALLEST.num_draws
+    assert tracker.shape_for(allowance=tracker.smallest_cost(), budgeted=True) == smallest
+
+
+def test_precise_estimates_make_the_smallest_cheaper_and_imprecise_ones_do_not():
+    precise, imprecise = _tracker_after(0.02), _tracker_after(0.2)
+    assert precise.smallest_shape().num_draws == FEWEST_DRAWS
+    assert precise.smallest_cost() < imprecise.smallest_cost()
+    assert imprecise.smallest_shape() == SMALLEST
+    assert imprecise.shape_for(allowance=100.0, budgeted=True) == LARGEST
+
+
+def test_chains_that_have_not_relaxed_are_not_cut_to_the_target():
+    """Until the chains have relaxed, the steps spent sampling also bring λ̂ up to its long-run value."""
+    tracker = _tracker_after(0.02, relaxed_share=0.5)
+    assert tracker.draws_for_target() is None
+    assert tracker.smallest_shape() == SMALLEST
+    assert tracker.shape_for(allowance=100.0, budgeted=True) == LARGEST
+
+
+def test_explicit_schedules_and_configured_draws_keep_their_shape():
+    tracker = _tracker_after(0.02)
+    assert tracker.shape_for(allowance=None, budgeted=False) == LARGEST
+    tracker.config = SamplingConfig(num_draws=120)
+    assert tracker.shape_for(allowance=100.0, budgeted=True).num_draws == 120
+    assert tracker.smallest_shape() == SMALLEST

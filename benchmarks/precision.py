@@ -18,6 +18,7 @@ on, seeds 1-2 are held out. Results are also written as JSON under ``benchmarks/
     python -m benchmarks.precision [--runs moons cancer regression mlp cnn attention staged] [--seeds 0]
     python -m benchmarks.precision --figure before after -o docs/precision.png   # two recorded labels, side by side
     python -m benchmarks.precision --relaxation --runs cnn attention   # do warm starts carry the relaxation?
+    python -m benchmarks.precision --noise --runs mlp cnn      # where a draw's noise comes from
     python -m benchmarks.precision --groups --label groups      # the monitor with param_groups, references per group
     python -m benchmarks.precision --figure groups --groups -o precision-groups.png  # one panel per group
 """
@@ -40,12 +41,19 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import nn
+from torch.func import jvp, vmap
+from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.ordinary_runs import Classifier, Regressor, SmallCNN, TinyTransformer, digits, sequences
 from examples.dln_stagewise import teacher_data
-from lightning_devinterp import LLCMonitor, estimate_llc
-from lightning_devinterp.sampling.chains import FULL_MODEL
+from lightning_devinterp import LLCMonitor, SamplingConfig, estimate_llc
+from lightning_devinterp.sampling.chains import FULL_MODEL, mean_init_gradient
+from lightning_devinterp.sampling.data import MinibatchSource
+from lightning_devinterp.sampling.inputs import prepare_estimate
+from lightning_devinterp.sampling.model_view import FunctionalLoss, quiet_evaluation
+from lightning_devinterp.sampling.observables import Draw
+from lightning_devinterp.sampling.uncertainty import mean_error
 
 RESULTS = Path(__file__).resolve().parent / "precision_results"
 
@@ -314,6 +322,70 @@ def relaxation(key: str, seed: int, args: argparse.Namespace) -> None:
     )
 
 
+class NoiseParts:
+    """Per draw and chain: the exact increase over the whole data set, L(w_t) − L(w*), and the first-order part of the
+    paired increase's minibatch noise, (∇L_B(w*) − ∇L(w*))·(w_t − w*), a forward-mode derivative at w*.
+    """
+
+    name = "noise_parts"
+
+    def __init__(self, module: nn.Module, loss: FunctionalLoss, source: MinibatchSource) -> None:
+        self.loss, self.source = loss, source
+        with quiet_evaluation(module):
+            self.gradient = mean_init_gradient(loss, source, chunk_size=256)
+
+    def observe(self, draw: Draw) -> torch.Tensor:
+        chains = draw.losses.shape[0]
+        offsets = {name: w - self.loss.anchor[name] for name, w in draw.position.items()}
+        exact = torch.zeros(chains, dtype=torch.float64)
+        for batch, size in self.source.init_loss_batches(256):
+            stacked = tree_map(lambda t: t.unsqueeze(0).expand(chains, *t.shape), batch)
+            exact += size * (draw.chain_losses(draw.position, stacked) - draw.anchor_losses(stacked)).double()
+        exact /= self.source.num_samples
+
+        def first_order(offset: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
+            return jvp(lambda params: self.loss(params, batch), (self.loss.anchor,), (offset,))[1]
+
+        batch_term = vmap(first_order)(offsets, draw.batch).double()
+        full_term = torch.stack([(self.gradient[n] * o).flatten(1).sum(1) for n, o in offsets.items()]).sum(0).double()
+        return torch.stack([exact, batch_term - full_term], dim=1)
+
+
+def noise(key: str, seed: int, args: argparse.Namespace) -> None:
+    """Where a draw's noise comes from, at the final weights of a run trained with ``LLCMonitor()``, at its settings
+    (4 chains × ``--reference-draws`` / 10 draws after ``--reference-burnin`` steps): the paired increase, the exact
+    increase over the whole data set, and the paired increase less its first-order minibatch noise (a second control
+    variate); each one's spread per draw, effective sample size and standard error, in units of λ̂.
+    """
+    run = RUNS[key]
+    monitor = LLCMonitor(**args.monitor)
+    module, _ = fit(run, seed, [monitor])
+    settings = monitor.history[-1].result
+    data = run.make_data(seed)
+    config = SamplingConfig(batch_size=run.batch_size)
+    loss_fn, source, _ = prepare_estimate(module, data, None, config, seed=0, device="cpu")
+    parts = NoiseParts(
+        module, FunctionalLoss(module, loss_fn, [n for n, _ in module.named_parameters()], source.device), source
+    )
+    result = estimate_llc(
+        module, data, batch_size=run.batch_size, epsilon=settings.epsilon, nbeta=settings.nbeta, gamma=settings.gamma,
+        num_chains=4, num_draws=args.reference_draws // 10, num_burnin_steps=args.reference_burnin, seed=1000,
+        observables=[parts],
+    )  # fmt: skip
+    assert result.anchor_loss_trace is not None
+    paired = (result.loss_trace - result.anchor_loss_trace).double()
+    observed = result.observations[NoiseParts.name].double()
+    traces = {"paired": paired, "exact": observed[..., 0], "paired less first order": paired - observed[..., 1]}
+    print(f"{key:<10} seed {seed}, λ̂ {result.llc_mean:.3g} ({paired.numel()} draws):", flush=True)
+    for name, trace in traces.items():
+        error = mean_error(trace)
+        print(
+            f"    {name:<24} per-draw sd {result.nbeta * float(trace.std()):7.3g}, ESS {error.effective_draws:6.0f}, "
+            f"standard error {result.nbeta * error.standard_error:.3g}",
+            flush=True,
+        )
+
+
 def summary(points: list[dict[str, Any]]) -> str:
     if not points:
         return "no points"
@@ -395,6 +467,11 @@ def main() -> None:
         help="instead: whether warm starts carry the chains' relaxation (cold estimates and a long trace at the end)",
     )
     parser.add_argument(
+        "--noise",
+        action="store_true",
+        help="instead: where a draw's noise comes from, at the final weights (minibatch, the chains' wander, first order)",
+    )
+    parser.add_argument(
         "--groups",
         action="store_true",
         help="the monitor with each run's param_groups (runs without groups are skipped), and references per group",
@@ -407,10 +484,10 @@ def main() -> None:
         return
     warnings.filterwarnings("ignore")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    if args.relaxation:
+    if args.relaxation or args.noise:
         for seed in args.seeds:
             for key in args.runs:
-                relaxation(key, seed, args)
+                (relaxation if args.relaxation else noise)(key, seed, args)
         return
     results = []
     for seed in args.seeds:

@@ -133,7 +133,8 @@ class LLCMonitor(Callback):
         probe_labels: a label per probe sample (or per token); the logs then hold the mean susceptibility per label.
         probe_every: read the probe at every ``probe_every``-th draw.
         **sampling: the sampling settings of :class:`~lightning_devinterp.SamplingConfig`. Chain-shape settings
-            left unset are sized to the budget (4 chains; 10-50 burn-in steps; 30-200 draws); ``epsilon="adaptive"``
+            left unset are sized to the budget and to a 5% relative standard error (4 chains; 10-50 burn-in steps;
+            10-200 draws); ``epsilon="adaptive"``
             (the default) adapts the step at the first estimate after step 0 and keeps it, adapting again only when
             health demands; ``epsilon="auto"`` calibrates at the first estimate and keeps the choice; ``nbeta``
             defaults to n / log n with n the training set size (pass it for iterable data without a length).

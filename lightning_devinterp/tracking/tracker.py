@@ -59,8 +59,9 @@ class ChainShape:
 
 
 SMALLEST = ChainShape(num_chains=4, num_burnin_steps=10, num_draws=30)
-"""The smallest estimate the budget sizes down to (warm-started chains need little burn-in; four chains, because
-the spread across chains is what the health checks judge drift against)."""
+"""The smallest estimate the budget sizes down to, unless recent estimates were precise enough for fewer draws
+(warm-started chains need little burn-in; four chains, because the spread across chains is what the health checks
+judge drift against and what the standard error is partly estimated from)."""
 
 LARGEST = ChainShape(num_chains=4, num_burnin_steps=50, num_draws=200)
 """The largest estimate the budget sizes up to (also the chain shape of the explicit schedules)."""

@@ -234,9 +234,10 @@ class LLCTracker:
         return fixed + shape.num_steps * per_step * math.sqrt(shape.num_chains / measured)
 
     def draws_for_target(self) -> int | None:
-        """Draws per chain that reach :data:`TARGET_RELATIVE_ERROR`, from the standard errors of the last
-        :data:`PRECISION_HISTORY` healthy estimates with a positive λ̂ (scaled as one over the draws); None while
-        there are none, or while the latest of them had not relaxed (:data:`RELAXED_ENOUGH`).
+        """Draws per chain that reach :data:`TARGET_RELATIVE_ERROR`: the median, over the healthy estimates with a
+        positive λ̂ among the last :data:`PRECISION_HISTORY`, of the draws their standard errors say it takes (the
+        squared error scaling as one over the draws); None while there are none, or while the latest of them had not
+        relaxed (:data:`RELAXED_ENOUGH`).
         """
         recent = [
             record.result

@@ -467,9 +467,10 @@ class LLCMonitor(Callback):
         smallest = self.tracker.smallest_cost() or 0.0
         training = max(self.schedule.projected_training_seconds(step), 1e-9)
         planned = len(self.schedule.plan or []) or 1
+        affordable = len(self.history) + int(self.schedule.affordable(step, smallest))
         rank_zero_warn(
             f"LLCMonitor: even the smallest estimate ({shape.num_chains} chains x {shape.num_steps} SGLD steps) takes about {smallest:.2g}s here, so within "
-            f"max_overhead={self.schedule.max_overhead:g} this run affords about {int(self.schedule.max_overhead * training / max(smallest, 1e-9))} "
+            f"max_overhead={self.schedule.max_overhead:g} this run affords about {affordable} "
             f"of the {planned} planned estimates; some are skipped. All of them would cost about {planned * smallest / training:.0%} "
             "of the training time: raise max_overhead, or choose every_n_steps=... .",
             category=LLCEstimateWarning,

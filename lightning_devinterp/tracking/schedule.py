@@ -238,6 +238,12 @@ class EstimateSchedule:
             return smallest_cost
         return 0.0
 
+    def affordable(self, step: int, smallest_cost: float) -> float:
+        """How many more estimates of ``smallest_cost`` seconds the budget affords from ``step`` to the end of the run
+        (stretched as for :meth:`allowance`), besides what the monitor has spent so far.
+        """
+        return max(self._budget(step, smallest_cost) - self.own_seconds, 0.0) / max(smallest_cost, 1e-9)
+
     def has_room(self, step: int, smallest_cost: float | None) -> bool:
         """Whether an estimate beyond the plan fits: the budget then still affords every planned estimate at the
         smallest size (for the denser estimates around a transition).

@@ -353,9 +353,10 @@ class NoiseParts:
 
 def noise(key: str, seed: int, args: argparse.Namespace) -> None:
     """Where a draw's noise comes from, at the final weights of a run trained with ``LLCMonitor()``, at its settings
-    (4 chains × ``--reference-draws`` / 10 draws after ``--reference-burnin`` steps): the paired increase, the exact
-    increase over the whole data set, and the paired increase less its first-order minibatch noise (a second control
-    variate); each one's spread per draw, effective sample size and standard error, in units of λ̂.
+    (4 chains × ``--reference-draws`` / 10 draws after ``--reference-burnin`` steps): the paired increase, the
+    unpaired one (over L(w*)), the exact increase over the whole data set, and the paired increase less its
+    first-order minibatch noise (a second control variate); each one's spread per draw, effective sample size and
+    standard error, in units of λ̂.
     """
     run = RUNS[key]
     monitor = LLCMonitor(**args.monitor)
@@ -375,7 +376,12 @@ def noise(key: str, seed: int, args: argparse.Namespace) -> None:
     assert result.anchor_loss_trace is not None
     paired = (result.loss_trace - result.anchor_loss_trace).double()
     observed = result.observations[NoiseParts.name].double()
-    traces = {"paired": paired, "exact": observed[..., 0], "paired less first order": paired - observed[..., 1]}
+    traces = {
+        "paired": paired,
+        "unpaired": result.loss_trace.double() - result.init_loss,
+        "exact": observed[..., 0],
+        "paired less first order": paired - observed[..., 1],
+    }
     print(f"{key:<10} seed {seed}, λ̂ {result.llc_mean:.3g} ({paired.numel()} draws):", flush=True)
     for name, trace in traces.items():
         error = mean_error(trace)

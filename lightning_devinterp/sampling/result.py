@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from lightning_devinterp.sampling.chains import FULL_MODEL, ChainRun
@@ -84,6 +85,20 @@ class LLCResult:
     def paired(self) -> bool:
         """Whether each draw was scored against the same minibatch's loss at w*."""
         return self.anchor_loss_trace is not None
+
+    @property
+    def pairing_gain(self) -> float:
+        """How many times smaller the paired draws' variance is than the unpaired (over L(w*)) of the same draws; NaN
+        for unpaired draws. Near 1, pairing cancelled nothing (the batch's loss at w* hardly varies, as at zero loss).
+        """
+        if self.anchor_loss_trace is None:
+            return math.nan
+        finite = torch.isfinite(self.loss_trace) & torch.isfinite(self.anchor_loss_trace)
+        paired = (self.loss_trace - self.anchor_loss_trace)[finite].double()
+        unpaired = self.loss_trace[finite].double() - self.init_loss
+        if paired.numel() < 2 or not float(paired.var()) > 0:
+            return math.nan
+        return float(unpaired.var() / paired.var())
 
     @property
     def sampling_error(self) -> MeanError:

@@ -77,6 +77,14 @@ FEWEST_DRAWS = 10
 PRECISION_HISTORY = 3
 """Recent healthy estimates whose standard errors, per draw, size the next one (their median, as each is rough)."""
 
+PAIRING_PAYS = 1.25
+"""Paired draws cost a forward pass at w* per step (25% more per estimate on a small MLP, 58% on a CNN, on a CPU):
+the monitor keeps pairing while the last paired estimate's :attr:`~lightning_devinterp.LLCResult.pairing_gain`
+exceeds this, and otherwise draws unpaired, which estimates the same λ̂ for less."""
+
+PAIRING_RECHECK = 5
+"""While it draws unpaired, the monitor pairs every this-many-th estimate again, to see whether pairing pays by then."""
+
 RELAXED_ENOUGH = 0.9
 """Estimates are cut to their precision target only while the chains have relaxed this far (``relaxed_share``):
 until then, steps spent sampling also move the chains towards their long-run spread."""
@@ -217,7 +225,9 @@ class LLCTracker:
         self.calibration: CalibrationResult | None = None
         self._offsets: dict[str, Tensor] | None = None
         self._offset_steps = 0
-        self._costs: dict[int, tuple[float, float]] = {}
+        self._costs: dict[tuple[int, bool], tuple[float, float]] = {}
+        self._pairing_pays = True
+        self._unpaired_since_check = 0
 
     def start(self, num_samples: int | None) -> None:
         """Resolve nbeta for the training set's ``num_samples`` (ValueError when it cannot be derived)."""
@@ -226,12 +236,21 @@ class LLCTracker:
     # ---- how large --------------------------------------------------------------------------------------------
 
     def _cost(self, shape: ChainShape) -> float | None:
-        """Predicted seconds of an estimate of ``shape``, from measured ones (None before the first)."""
+        """Predicted seconds of an estimate of ``shape`` (paired or not, as the next one will be), from measured ones
+        of the same kind if any (None before the first).
+        """
         if not self._costs:
             return None
-        measured = min(self._costs, key=lambda chains: abs(chains - shape.num_chains))
+        paired = self.pairs_next()
+        measured = min(self._costs, key=lambda key: (key[1] != paired, abs(key[0] - shape.num_chains)))
         fixed, per_step = self._costs[measured]
-        return fixed + shape.num_steps * per_step * math.sqrt(shape.num_chains / measured)
+        return fixed + shape.num_steps * per_step * math.sqrt(shape.num_chains / measured[0])
+
+    def pairs_next(self) -> bool:
+        """Whether the next estimate pairs its draws: as configured, unless pairing stopped paying
+        (:data:`PAIRING_PAYS`); then again every :data:`PAIRING_RECHECK`-th estimate.
+        """
+        return self.config.paired and (self._pairing_pays or self._unpaired_since_check + 1 >= PAIRING_RECHECK)
 
     def draws_for_target(self) -> int | None:
         """Draws per chain that reach :data:`TARGET_RELATIVE_ERROR`: the median, over the healthy estimates with a
@@ -335,7 +354,9 @@ class LLCTracker:
         Warm-started chains count the steps they ran before (:attr:`LLCResult.steps_before_draws`).
         """
         assert self.nbeta is not None
-        config = dataclasses.replace(self.config, nbeta=self.nbeta, epsilon=epsilon, **dataclasses.asdict(shape))
+        config = dataclasses.replace(
+            self.config, nbeta=self.nbeta, epsilon=epsilon, paired=self.pairs_next(), **dataclasses.asdict(shape)
+        )
         processes = inputs.processes
         counts = chains_per_rank(shape.num_chains, processes.world_size)
         start_offsets = self._warm_start(counts[processes.rank]) if epsilon != "adaptive" else None
@@ -427,11 +448,21 @@ class LLCTracker:
             self.epsilon = result.epsilon
         if local is not None:
             total = self.clock() - started
-            self._costs[shape.num_chains] = (
+            self._costs[(shape.num_chains, result.paired)] = (
                 max(total - local.sampling_seconds, 0.0),
                 local.sampling_seconds / max(shape.num_steps, 1),
             )
+        self._note_pairing(result)
         return result, previous_epsilon is not None and result.epsilon != previous_epsilon
+
+    def _note_pairing(self, result: LLCResult) -> None:
+        """After a paired estimate, whether pairing paid (:data:`PAIRING_PAYS`); after an unpaired one, count it."""
+        if result.paired:
+            gain = result.pairing_gain
+            self._pairing_pays = not gain <= PAIRING_PAYS
+            self._unpaired_since_check = 0
+        else:
+            self._unpaired_since_check += 1
 
     # ---- history and detection ----------------------------------------------------------------------------------
 

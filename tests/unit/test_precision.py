@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from lightning_devinterp import estimate_llc
+from lightning_devinterp import LLCResult, estimate_llc
 from lightning_devinterp.sampling.uncertainty import mean_error, relaxed_share, student_t_quantile
 from lightning_devinterp.theory import quadratic_sgld_llc
 from tests.helpers.models import Potential, gaussian_nll
@@ -185,3 +185,23 @@ def test_the_tilted_loss_measures_a_point_that_is_no_minimum_as_if_it_were_one()
     exact = quadratic_sgld_llc([1.0, 2.0, 4.0], 100.0, 10.0, 2e-3)
     assert tilted.tilted and tilted.llc_mean == pytest.approx(exact, rel=0.05)
     assert plain.llc_mean < 0 < exact
+
+
+def test_the_pairing_gain_is_the_variance_that_pairing_removes():
+    """Draws whose minibatch noise is shared with the loss at w*: pairing removes it (gain = total / residual
+    variance); draws at zero loss, where the loss at w* is zero on every batch: pairing removes nothing."""
+    generator = torch.Generator().manual_seed(0)
+    wander = torch.randn(4, 500, generator=generator)
+    batch_noise = 2.0 * torch.randn(4, 500, generator=generator)
+
+    def result(loss: torch.Tensor, anchor: torch.Tensor) -> LLCResult:
+        return LLCResult(
+            llc_mean=1.0, llc_std=0.1, llc_per_chain=torch.ones(4), loss_trace=loss, acceptance=torch.ones(4),
+            init_loss=0.0, nbeta=1.0, anchor_loss_trace=anchor,
+        )  # fmt: skip
+
+    shared = result(wander + batch_noise, batch_noise)
+    assert shared.pairing_gain == pytest.approx(5.0, rel=0.15)
+    at_zero_loss = result(wander, torch.zeros(4, 500))
+    assert at_zero_loss.pairing_gain == pytest.approx(1.0)
+    assert math.isnan(result(wander, None).pairing_gain)  # type: ignore[arg-type]

@@ -129,7 +129,7 @@ def test_the_smallest_estimate_fits_the_allowance_of_exactly_its_cost(costs):
     """When the schedule thins its plan (and early in training) it grants exactly the smallest estimate's predicted
     cost; that estimate must then run, whatever the rounding of the costs."""
     tracker = LLCTracker(SamplingConfig(), seed=0, evidence=TransitionEvidence(None, None))
-    tracker._costs[4] = costs  # seconds: fixed, per chain step
+    tracker._costs[(4, True)] = costs  # seconds: fixed, per chain step
     shape = tracker.shape_for(allowance=tracker.smallest_cost(), budgeted=True)
     assert shape == SMALLEST
     assert tracker.shape_for(allowance=0.99 * tracker.smallest_cost(), budgeted=True) is None
@@ -138,7 +138,7 @@ def test_the_smallest_estimate_fits_the_allowance_of_exactly_its_cost(costs):
 def _tracker_after(relative_error: float, relaxed_share: float = 1.0, draws: int = 30) -> LLCTracker:
     """A tracker whose last three estimates had ``draws`` draws per chain and this relative standard error."""
     tracker = LLCTracker(SamplingConfig(), seed=0, evidence=TransitionEvidence(None, None))
-    tracker._costs[4] = (0.01, 0.001)
+    tracker._costs[(4, True)] = (0.01, 0.001)
     for step in (100, 200, 300):
         result = LLCResult(
             llc_mean=10.0,

@@ -78,7 +78,8 @@ class SamplingConfig:
         compile: compile the vectorized forward and backward with torch.compile (a slower first call).
         paired: score each draw against the same minibatch's loss at w*, L_B(w_t) − L_B(w*), which cancels the
             minibatch noise (one extra forward pass per draw, without gradients); False scores it against the loss
-            over the whole data, L_B(w_t) − L(w*). Both estimate the same λ.
+            over the whole data, L_B(w_t) − L(w*). Both estimate the same λ. ``LLCMonitor`` pairs only while pairing
+            pays (``LLCResult.pairing_gain``).
         tilted: sample and score the loss tilted by its gradient at w*, L(w) − ∇L(w*)·(w − w*), of which w* is a
             critical point: λ̂ then leaves out the drift down the gradient that the localization holds back, which
             dominates at weights far from a minimum (docs/choosing-settings.md). One pass over the data per estimate.

@@ -284,6 +284,7 @@ def benchmark(key: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
         "run": key, "seed": seed, "steps": run.steps, "plain_seconds": plain, "watched_seconds": watched,
         "overhead": watched / plain - 1, "own": monitor.schedule.own_seconds / watched, "estimates": len(monitor.history),
         "healthy_after_10pct": sum(r.healthy for r in late) / max(len(late), 1), "points": points,
+        "unpaired": sum(not r.result.paired for r in monitor.history),
     }  # fmt: skip
 
 
@@ -508,7 +509,8 @@ def main() -> None:
             )
             print(
                 f"{key:<10} seed {seed}: {result['estimates']:>3} estimates, overhead {result['overhead']:+.0%} "
-                f"(own {result['own']:.0%}), healthy {result['healthy_after_10pct']:.0%}; {summary(result['points'])}\n    {errors}"
+                f"(own {result['own']:.0%}, {result['unpaired']} unpaired), healthy {result['healthy_after_10pct']:.0%}; "
+                f"{summary(result['points'])}\n    {errors}"
                 + (
                     f"\n    references move {movement([p['reference'] for p in result['points']]):.0%} between points, "
                     f"tilted ones {movement([p['tilted_reference'] for p in result['points']]):.0%}"

@@ -76,12 +76,13 @@ def mean_error(trace: Tensor) -> MeanError:
         The standard error, its degrees of freedom, and the ESS from the autocorrelation (at most the number of draws
         times a small factor, for antithetic chains).
     """
-    from_draws = _autocorrelation_error(trace.double())
+    trace = trace.double()
+    from_draws = _autocorrelation_error(trace)
     chains = trace.shape[0]
     if chains < 2 or not math.isfinite(from_draws.standard_error):
         return from_draws
     from_chains = MeanError(
-        float(trace.double().mean(dim=1).std()) / math.sqrt(chains), from_draws.effective_draws, chains - 1.0
+        float(trace.mean(dim=1).std()) / math.sqrt(chains), from_draws.effective_draws, chains - 1.0
     )
     return max(from_draws, from_chains, key=lambda error: error.half_width())
 

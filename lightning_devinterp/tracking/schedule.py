@@ -202,10 +202,17 @@ class EstimateSchedule:
         paid for would leave nothing for the end.
         """
         training = self.training_seconds()
-        total = max(self.total_steps or step, step)
         if not self._step_seconds:
-            return training / max(step, 1) * total
-        return training + statistics.median(self._step_seconds) * (total - step)
+            return self._over_the_run(training, step)
+        return training + statistics.median(self._step_seconds) * (self._run_steps(step) - step)
+
+    def _run_steps(self, step: int) -> int:
+        """The run's length in optimizer steps, as known at ``step`` (``step`` itself when unknown or passed)."""
+        return max(self.total_steps or step, step)
+
+    def _over_the_run(self, seconds: float, step: int) -> float:
+        """``seconds`` spent over ``step`` steps, projected at that average pace over the whole run."""
+        return seconds / max(step, 1) * self._run_steps(step)
 
     def _budget(self, step: int, smallest_cost: float | None) -> float:
         """The monitor's seconds for the whole run: ``max_overhead`` of the projected training time, stretched (up
@@ -216,7 +223,7 @@ class EstimateSchedule:
         budget = self.max_overhead * self.projected_training_seconds(step)
         if smallest_cost is None:
             return budget
-        per_step_costs = max(self.own_seconds - self.estimate_seconds, 0.0) / step * max(self.total_steps or step, step)
+        per_step_costs = self._over_the_run(max(self.own_seconds - self.estimate_seconds, 0.0), step)
         return max(budget, min(per_step_costs + self.first_seconds + MIN_ESTIMATES * smallest_cost, 2 * budget))
 
     def allowance(self, step: int, smallest_cost: float | None = None) -> float | None:

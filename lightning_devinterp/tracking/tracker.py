@@ -226,8 +226,6 @@ class LLCTracker:
         self._offsets: dict[str, Tensor] | None = None
         self._offset_steps = 0
         self._costs: dict[tuple[int, bool], tuple[float, float]] = {}
-        self._pairing_pays = True
-        self._unpaired_since_check = 0
 
     def start(self, num_samples: int | None) -> None:
         """Resolve nbeta for the training set's ``num_samples`` (ValueError when it cannot be derived)."""
@@ -247,10 +245,17 @@ class LLCTracker:
         return fixed + shape.num_steps * per_step * math.sqrt(shape.num_chains / measured[0])
 
     def pairs_next(self) -> bool:
-        """Whether the next estimate pairs its draws: as configured, unless pairing stopped paying
-        (:data:`PAIRING_PAYS`); then again every :data:`PAIRING_RECHECK`-th estimate.
+        """Whether the next estimate pairs its draws: as configured, unless the last paired estimate in the history
+        showed that pairing does not pay (:data:`PAIRING_PAYS`); then again every :data:`PAIRING_RECHECK`-th estimate.
         """
-        return self.config.paired and (self._pairing_pays or self._unpaired_since_check + 1 >= PAIRING_RECHECK)
+        if not self.config.paired:
+            return False
+        unpaired_since = 0
+        for record in reversed(self.history):
+            if record.result.paired:
+                return not record.result.pairing_gain <= PAIRING_PAYS or unpaired_since + 1 >= PAIRING_RECHECK
+            unpaired_since += 1
+        return True
 
     def draws_for_target(self) -> int | None:
         """Draws per chain that reach :data:`TARGET_RELATIVE_ERROR`: the median, over the healthy estimates with a
@@ -452,17 +457,7 @@ class LLCTracker:
                 max(total - local.sampling_seconds, 0.0),
                 local.sampling_seconds / max(shape.num_steps, 1),
             )
-        self._note_pairing(result)
         return result, previous_epsilon is not None and result.epsilon != previous_epsilon
-
-    def _note_pairing(self, result: LLCResult) -> None:
-        """After a paired estimate, whether pairing paid (:data:`PAIRING_PAYS`); after an unpaired one, count it."""
-        if result.paired:
-            gain = result.pairing_gain
-            self._pairing_pays = not gain <= PAIRING_PAYS
-            self._unpaired_since_check = 0
-        else:
-            self._unpaired_since_check += 1
 
     # ---- history and detection ----------------------------------------------------------------------------------
 

@@ -52,18 +52,21 @@ def make_trainer(tmp_path, callbacks=(), **overrides) -> pl.Trainer:
 
 
 class AtMinimum(pl.LightningModule):
-    """Linear regression that starts at the least-squares solution of ``regression_loader``'s data and barely
-    moves (learning rate 1e-7): estimates there are taken at a minimum, so they come out healthy."""
+    """Linear regression that starts at the least-squares solution of its ``data`` (``regression_loader``'s by
+    default) and barely moves (learning rate 1e-7): estimates there are taken at a minimum, so they come out healthy.
+    ``curvatures`` are the eigenvalues of the loss's Hessian there, for the exact SGLD expectation."""
 
-    def __init__(self) -> None:
+    def __init__(self, data: TensorDataset | None = None) -> None:
         super().__init__()
-        self.linear = nn.Linear(5, 2)
-        x, y = regression_loader().dataset.tensors
+        self.data = data if data is not None else regression_loader().dataset
+        x, y = self.data.tensors
+        self.linear = nn.Linear(x.shape[1], y.shape[1])
         design = torch.cat([x, torch.ones(len(x), 1)], dim=1)
         solution = torch.linalg.lstsq(design, y).solution
         with torch.no_grad():
             self.linear.weight.copy_(solution[:-1].T)
             self.linear.bias.copy_(solution[-1])
+        self.curvatures = torch.linalg.eigvalsh(design.T @ design / len(x)).tolist() * y.shape[1]
 
     def training_step(self, batch, batch_idx):
         loss = gaussian_nll(self.linear, batch)

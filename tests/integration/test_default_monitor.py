@@ -7,7 +7,6 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_devinterp import LLCEstimateWarning, LLCMonitor
@@ -17,12 +16,12 @@ from tests.helpers.models import gaussian_nll
 from tests.helpers.trainers import AtMinimum, Regressor, make_trainer, regression_loader
 
 
-def fit(tmp_path, module, monitor, steps):
+def fit(tmp_path, module, monitor, steps, loader=None):
     pl.seed_everything(0)
     trainer = make_trainer(tmp_path, [monitor], max_steps=steps)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LLCEstimateWarning)
-        trainer.fit(module, regression_loader())
+        trainer.fit(module, loader or regression_loader())
     return trainer
 
 
@@ -31,8 +30,8 @@ class CountedWork(AtMinimum):
     one of the monitor's evaluations (one vectorized step of all its chains, which run in eval mode), so what the
     budget affords is the same on every machine."""
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, data=None):
+        super().__init__(data)
         self.seconds = 0.0
 
     def clock(self) -> float:
@@ -104,47 +103,20 @@ def test_a_plan_the_budget_cannot_afford_is_announced_once_with_what_it_affords(
     assert abs(affordable - len(monitor.history)) <= len(monitor.history) / 3
 
 
-class WideAtMinimum(pl.LightningModule):
-    """Linear regression from 24 features to 8 outputs (200 parameters) at its least-squares solution, barely moving,
-    on a machine of known speed (as :class:`CountedWork`): λ̂ is large and its relative error small, and the exact
-    SGLD expectation at the monitor's settings is known from the Hessian."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        generator = torch.Generator().manual_seed(0)
-        x = torch.randn(1024, 24, generator=generator)
-        y = x @ torch.randn(24, 8, generator=generator) + torch.randn(1024, 8, generator=generator)
-        self.data = TensorDataset(x, y)
-        self.linear = nn.Linear(24, 8)
-        design = torch.cat([x, torch.ones(len(x), 1)], dim=1)
-        solution = torch.linalg.lstsq(design, y).solution
-        with torch.no_grad():
-            self.linear.weight.copy_(solution[:-1].T)
-            self.linear.bias.copy_(solution[-1])
-        self.curvatures = torch.linalg.eigvalsh(design.T @ design / len(x)).tolist() * 8
-        self.seconds = 0.0
-
-    def clock(self) -> float:
-        return self.seconds
-
-    def training_step(self, batch, batch_idx):
-        self.seconds += 0.003 if self.training else 0.0003
-        return gaussian_nll(self.linear, batch)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=1e-7)
+def wide_regression() -> TensorDataset:
+    """Noisy linear data from 24 features to 8 outputs: at its least-squares fit (200 parameters) λ̂ is large and
+    its relative error small."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1024, 24, generator=generator)
+    return TensorDataset(x, x @ torch.randn(24, 8, generator=generator) + torch.randn(1024, 8, generator=generator))
 
 
 def test_precise_estimates_take_fewer_draws_and_stay_exact(tmp_path):
     """Once recent estimates reach the target error with draws to spare, the next take fewer (down to 10 a chain, at
     the smallest); those still match the exact SGLD expectation at their settings."""
-    module = WideAtMinimum()
+    module = CountedWork(wide_regression())
     monitor = LLCMonitor(clock=module.clock)
-    pl.seed_everything(0)
-    trainer = make_trainer(tmp_path, [monitor], max_steps=1500)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", LLCEstimateWarning)
-        trainer.fit(module, DataLoader(module.data, batch_size=32, shuffle=True))
+    fit(tmp_path, module, monitor, 1500, DataLoader(module.data, batch_size=32, shuffle=True))
     draws = [record.result.loss_trace.shape[1] for record in monitor.history]
     assert len(draws) >= 20 and min(draws[3:]) < SMALLEST.num_draws
     late = [record.result for record in monitor.history[3:]]
@@ -167,19 +139,14 @@ def test_the_monitor_pairs_its_draws_only_while_pairing_pays(tmp_path):
     paired = [record.result.paired for record in monitor.history]
     assert paired[0] and monitor.history[0].result.pairing_gain < PAIRING_PAYS
     assert paired == [index % PAIRING_RECHECK == 0 for index in range(len(paired))]
-    x, _ = regression_loader().dataset.tensors
-    design = torch.cat([x, torch.ones(len(x), 1)], dim=1)
-    curvatures = torch.linalg.eigvalsh(design.T @ design / len(x)).tolist() * 2
     errors = [
-        abs(r.llc_mean / quadratic_sgld_llc(curvatures, r.result.nbeta, r.result.gamma, r.result.epsilon) - 1)
+        abs(r.llc_mean / quadratic_sgld_llc(module.curvatures, r.result.nbeta, r.result.gamma, r.result.epsilon) - 1)
         for r in monitor.history[1:]
         if not r.result.paired
     ]
     assert len(errors) >= 5 and statistics.median(errors) <= 0.15
 
-    noisy = WideAtMinimum()
+    noisy = CountedWork(wide_regression())
     noisy_monitor = LLCMonitor(clock=noisy.clock)
-    pl.seed_everything(0)
-    trainer = make_trainer(tmp_path, [noisy_monitor], max_steps=300)
-    trainer.fit(noisy, DataLoader(noisy.data, batch_size=32, shuffle=True))
+    fit(tmp_path, noisy, noisy_monitor, 300, DataLoader(noisy.data, batch_size=32, shuffle=True))
     assert all(record.result.paired and record.result.pairing_gain > 3 for record in noisy_monitor.history)

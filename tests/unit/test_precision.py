@@ -15,6 +15,7 @@ from lightning_devinterp import LLCResult, estimate_llc
 from lightning_devinterp.sampling.uncertainty import mean_error, relaxed_share, student_t_quantile
 from lightning_devinterp.theory import quadratic_sgld_llc
 from tests.helpers.models import Potential, gaussian_nll
+from tests.helpers.results import an_estimate
 
 NO_DATA = TensorDataset(torch.zeros(64, 1))
 
@@ -195,10 +196,7 @@ def test_the_pairing_gain_is_the_variance_that_pairing_removes():
     batch_noise = 2.0 * torch.randn(4, 500, generator=generator)
 
     def result(loss: torch.Tensor, anchor: torch.Tensor) -> LLCResult:
-        return LLCResult(
-            llc_mean=1.0, llc_std=0.1, llc_per_chain=torch.ones(4), loss_trace=loss, acceptance=torch.ones(4),
-            init_loss=0.0, nbeta=1.0, anchor_loss_trace=anchor,
-        )  # fmt: skip
+        return an_estimate(loss_trace=loss, anchor_loss_trace=anchor)
 
     shared = result(wander + batch_noise, batch_noise)
     assert shared.pairing_gain == pytest.approx(5.0, rel=0.15)

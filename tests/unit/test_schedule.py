@@ -5,11 +5,10 @@ import gc
 import time
 
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_devinterp import LLCResult, SamplingConfig, TransitionDetector
+from lightning_devinterp import SamplingConfig, TransitionDetector
 from lightning_devinterp.detection.combined import TransitionEvidence
 from lightning_devinterp.tracking.clock import working_time
 from lightning_devinterp.tracking.schedule import EARLY_FRACTION, TARGET_ESTIMATES, EstimateSchedule, planned_steps
@@ -20,6 +19,7 @@ from lightning_devinterp.tracking.tracker import (
     TARGET_RELATIVE_ERROR,
     LLCTracker,
 )
+from tests.helpers.results import an_estimate
 
 
 @settings(max_examples=50, deadline=None)
@@ -107,16 +107,7 @@ def test_a_change_of_step_size_starts_the_llc_series_over():
     """λ̂ at a new step size is not comparable with the old: the λ̂ detector forgets its level there."""
     evidence = TransitionEvidence(None, TransitionDetector())
     tracker = LLCTracker(SamplingConfig(), seed=0, evidence=evidence)
-    result = LLCResult(
-        llc_mean=5.0,
-        llc_std=0.1,
-        llc_per_chain=torch.full((4,), 5.0),
-        loss_trace=torch.zeros(4, 10),
-        acceptance=torch.full((4,), 0.95),
-        init_loss=0.0,
-        nbeta=10.0,
-        epsilon=1e-4,
-    )
+    result = an_estimate(5.0, epsilon=1e-4)
     for step in range(0, 500, 100):
         tracker.detect(tracker.record(step, result, 0.1))
     assert evidence.llc.level == 5.0
@@ -140,16 +131,8 @@ def _tracker_after(relative_error: float, relaxed_share: float = 1.0, draws: int
     tracker = LLCTracker(SamplingConfig(), seed=0, evidence=TransitionEvidence(None, None))
     tracker._costs[(4, True)] = (0.01, 0.001)
     for step in (100, 200, 300):
-        result = LLCResult(
-            llc_mean=10.0,
-            llc_std=1.0,
-            llc_per_chain=torch.full((4,), 10.0),
-            loss_trace=torch.zeros(4, draws),
-            acceptance=torch.full((4,), 0.95),
-            init_loss=0.0,
-            nbeta=10.0,
-            llc_stderr=10.0 * relative_error,
-            relaxed_share=relaxed_share,
+        result = an_estimate(
+            10.0, draws=draws, llc_std=1.0, llc_stderr=10.0 * relative_error, relaxed_share=relaxed_share
         )
         tracker.record(step, result, 0.1)
     return tracker

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_devinterp import LLCResult, SamplingConfig, TransitionDetector, detect_transitions
+from lightning_devinterp import SamplingConfig, TransitionDetector, detect_transitions
 from lightning_devinterp.detection.combined import TransitionEvidence
 from lightning_devinterp.detection.loss_drops import FIXED_DATA_METRIC, LossDropDetector
 from lightning_devinterp.tracking.tracker import LLCTracker
+from tests.helpers.results import an_estimate
 from tests.helpers.series import loss_curve, slow_fall
 
 
@@ -128,11 +129,9 @@ def _estimate(llc, groups, chi):
     """An LLCResult with λ̂ ``llc``, groups of the given λ̂ and susceptibilities per label (two probe samples each)."""
 
     def result(value, susceptibility, parts=None):
-        return LLCResult(
-            llc_mean=value, llc_std=0.01, llc_per_chain=torch.full((2,), value), loss_trace=torch.zeros(2, 10),
-            acceptance=torch.full((2,), 0.95), init_loss=0.0, nbeta=10.0, epsilon=1e-4, llc_stderr=0.01,
-            susceptibility=torch.tensor(susceptibility), probe_labels=["rule", "rule", "noise", "noise"],
-            groups=parts or {},
+        return an_estimate(
+            value, chains=2, llc_std=0.01, epsilon=1e-4, llc_stderr=0.01, susceptibility=torch.tensor(susceptibility),
+            probe_labels=["rule", "rule", "noise", "noise"], groups=parts or {},
         )  # fmt: skip
 
     return result(llc, chi["all"], {name: result(value, chi[name]) for name, value in groups.items()})

@@ -88,17 +88,22 @@ class LLCResult:
 
     @property
     def pairing_gain(self) -> float:
-        """How many times smaller the paired draws' variance is than the unpaired (over L(w*)) of the same draws; NaN
-        for unpaired draws. Near 1, pairing cancelled nothing (the batch's loss at w* hardly varies, as at zero loss).
+        """How many times smaller the variance of λ̂ is with paired draws than it would have been unpaired (over L(w*)),
+        from the same draws; NaN for unpaired draws. Pairing removes the minibatch noise of L_B(w*), which is
+        independent from draw to draw, so unpaired the mean of the draws would carry its variance over the number of
+        draws on top of the paired estimate's squared standard error (mostly the chains' slow wander, which pairing
+        cannot cancel). Near 1, pairing cancelled little of the estimate's error: the batch's loss at w* hardly varies
+        (as at zero loss), or the wander dominates.
         """
         if self.anchor_loss_trace is None:
             return math.nan
         finite = torch.isfinite(self.loss_trace) & torch.isfinite(self.anchor_loss_trace)
         paired = (self.loss_trace - self.anchor_loss_trace)[finite].double()
         unpaired = self.loss_trace[finite].double() - self.init_loss
-        if paired.numel() < 2 or not float(paired.var()) > 0:
+        variance = (self.llc_stderr / self.nbeta) ** 2 if self.nbeta > 0 else math.nan
+        if paired.numel() < 2 or not variance > 0:
             return math.nan
-        return float(unpaired.var() / paired.var())
+        return 1.0 + float(unpaired.var() - paired.var()) / paired.numel() / variance
 
     @property
     def sampling_error(self) -> MeanError:

@@ -79,8 +79,9 @@ PRECISION_HISTORY = 3
 
 PAIRING_PAYS = 1.25
 """Paired draws cost a forward pass at w* per step (25% more per estimate on a small MLP, 58% on a CNN, on a CPU):
-the monitor keeps pairing while the last paired estimate's :attr:`~lightning_devinterp.LLCResult.pairing_gain`
-exceeds this, and otherwise draws unpaired, which estimates the same λ̂ for less."""
+the monitor keeps pairing while the last paired estimate's :attr:`~lightning_devinterp.LLCResult.pairing_gain` (how
+much pairing cut the variance of λ̂ itself) exceeds this, and otherwise draws unpaired, which estimates the same λ̂
+for less."""
 
 PAIRING_RECHECK = 5
 """While it draws unpaired, the monitor pairs every this-many-th estimate again, to see whether pairing pays by then."""

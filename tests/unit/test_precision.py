@@ -188,18 +188,27 @@ def test_the_tilted_loss_measures_a_point_that_is_no_minimum_as_if_it_were_one()
     assert plain.llc_mean < 0 < exact
 
 
-def test_the_pairing_gain_is_the_variance_that_pairing_removes():
-    """Draws whose minibatch noise is shared with the loss at w*: pairing removes it (gain = total / residual
-    variance); draws at zero loss, where the loss at w* is zero on every batch: pairing removes nothing."""
+def test_the_pairing_gain_is_the_variance_of_the_estimate_that_pairing_removes():
+    """Draws whose minibatch noise is shared with the loss at w*: pairing removes it. Independent draws: the estimate's
+    variance falls as each draw's (gain = total / residual variance). Chains that each wander far from the others
+    (the slow part of a draw's noise): pairing still removes most of each draw's variance, but little of the
+    estimate's. Draws at zero loss, where the loss at w* is zero on every batch: pairing removes nothing."""
     generator = torch.Generator().manual_seed(0)
-    wander = torch.randn(4, 500, generator=generator)
-    batch_noise = 2.0 * torch.randn(4, 500, generator=generator)
+    chains, draws = 400, 50
+    independent = torch.randn(chains, draws, generator=generator)
+    batch_noise = 2.0 * torch.randn(chains, draws, generator=generator)
 
-    def result(loss: torch.Tensor, anchor: torch.Tensor) -> LLCResult:
-        return an_estimate(loss_trace=loss, anchor_loss_trace=anchor)
+    def result(loss: torch.Tensor, anchor: torch.Tensor | None) -> LLCResult:
+        paired = loss if anchor is None else loss - anchor
+        error = mean_error(paired)
+        return an_estimate(
+            loss_trace=loss, anchor_loss_trace=anchor, nbeta=1.0, init_loss=0.0, llc_stderr=error.standard_error
+        )
 
-    shared = result(wander + batch_noise, batch_noise)
-    assert shared.pairing_gain == pytest.approx(5.0, rel=0.15)
-    at_zero_loss = result(wander, torch.zeros(4, 500))
-    assert at_zero_loss.pairing_gain == pytest.approx(1.0)
-    assert math.isnan(result(wander, None).pairing_gain)  # type: ignore[arg-type]
+    shared = result(independent + batch_noise, batch_noise)
+    assert shared.pairing_gain == pytest.approx(1 + 4.0, rel=0.15)
+    wandering = torch.randn(chains, 1, generator=generator) + 0.5 * independent
+    # unpaired, the mean carries 4 / draws per chain besides the wander's 1 + 0.25 / draws
+    assert result(wandering + batch_noise, batch_noise).pairing_gain == pytest.approx(1 + 4 / (draws + 0.25), rel=0.2)
+    assert result(wandering, torch.zeros(chains, draws)).pairing_gain == pytest.approx(1.0)
+    assert math.isnan(result(wandering, None).pairing_gain)

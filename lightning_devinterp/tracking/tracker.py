@@ -246,16 +246,18 @@ class LLCTracker:
         return fixed + shape.num_steps * per_step * math.sqrt(shape.num_chains / measured[0])
 
     def pairs_next(self) -> bool:
-        """Whether the next estimate pairs its draws: as configured, unless the last paired estimate in the history
-        showed that pairing does not pay (:data:`PAIRING_PAYS`); then again every :data:`PAIRING_RECHECK`-th estimate.
+        """Whether the next estimate pairs its draws: as configured, unless the last healthy paired estimate in the
+        history showed that pairing does not pay (:data:`PAIRING_PAYS`); then again every :data:`PAIRING_RECHECK`-th
+        estimate. An unhealthy estimate (chains drifting below a w* that is no minimum, say) does not decide: its
+        error is the drift's, not the noise pairing cancels.
         """
         if not self.config.paired:
             return False
         unpaired_since = 0
         for record in reversed(self.history):
-            if record.result.paired:
+            if record.result.paired and record.healthy:
                 return not record.result.pairing_gain <= PAIRING_PAYS or unpaired_since + 1 >= PAIRING_RECHECK
-            unpaired_since += 1
+            unpaired_since += not record.result.paired
         return True
 
     def draws_for_target(self) -> int | None:

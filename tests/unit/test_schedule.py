@@ -5,6 +5,7 @@ import gc
 import time
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,6 +16,7 @@ from lightning_devinterp.tracking.schedule import EARLY_FRACTION, TARGET_ESTIMAT
 from lightning_devinterp.tracking.tracker import (
     FEWEST_DRAWS,
     LARGEST,
+    PAIRING_RECHECK,
     SMALLEST,
     TARGET_RELATIVE_ERROR,
     LLCTracker,
@@ -176,3 +178,33 @@ def test_explicit_schedules_and_configured_draws_keep_their_shape():
     tracker.config = SamplingConfig(num_draws=120)
     assert tracker.shape_for(allowance=100.0, budgeted=True).num_draws == 120
     assert tracker.smallest_shape() == SMALLEST
+
+
+def _paired(gain_noise: float, warnings: list[str] | None = None):
+    """A paired estimate whose draws' batch noise (sd ``gain_noise``) pairing removes, over a wander of sd 1."""
+    generator = torch.Generator().manual_seed(0)
+    wander = torch.randn(4, 30, generator=generator)
+    noise = gain_noise * torch.randn(4, 30, generator=generator)
+    return an_estimate(
+        loss_trace=wander + noise, anchor_loss_trace=noise, nbeta=1.0, llc_stderr=0.1, warnings=warnings or []
+    )
+
+
+def test_pairing_stops_where_a_healthy_estimate_shows_it_buys_nothing_and_rechecks():
+    """Unpaired after a healthy paired estimate whose gain is low, paired again every PAIRING_RECHECK-th estimate; an
+    unhealthy estimate (its error the chains' drift) neither stops nor resumes pairing."""
+    tracker = LLCTracker(SamplingConfig(), seed=0, evidence=TransitionEvidence(None, None))
+    assert tracker.pairs_next()
+    tracker.record(10, _paired(0.0, warnings=["w* is not a local minimum"]), 0.1)
+    assert tracker.history[-1].result.pairing_gain == pytest.approx(1.0) and tracker.pairs_next()
+    tracker.record(20, _paired(3.0), 0.1)
+    assert tracker.history[-1].result.pairing_gain > 2 and tracker.pairs_next()
+    tracker.record(30, _paired(0.0), 0.1)
+    decisions = []
+    for step in range(40, 40 + 20 * PAIRING_RECHECK, 10):
+        decisions.append(tracker.pairs_next())
+        if not decisions[-1]:
+            tracker.record(step, an_estimate(), 0.1)
+        else:
+            tracker.record(step, _paired(0.0, warnings=["drifting"]), 0.1)
+    assert decisions == [False] * (PAIRING_RECHECK - 1) + [True] * (PAIRING_RECHECK + 1)

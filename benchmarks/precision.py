@@ -304,15 +304,12 @@ def relaxation(key: str, seed: int, args: argparse.Namespace) -> None:
         batch_size=run.batch_size, epsilon=result.epsilon, nbeta=result.nbeta, gamma=result.gamma,
         num_chains=result.llc_per_chain.numel(),
     )  # fmt: skip
-    long = estimate_llc(
-        module, run.make_data(seed), num_draws=2 * args.reference_draws, num_burnin_steps=0, seed=1000, **settings
-    )
+    data = run.make_data(seed)
+    long = estimate_llc(module, data, num_draws=2 * args.reference_draws, num_burnin_steps=0, seed=1000, **settings)
     trace = result.nbeta * (long.loss_trace - long.anchor_loss_trace).double().mean(dim=0)
     long_run = float(trace[trace.numel() // 2 :].mean())
     cold = {
-        extra: estimate_llc(
-            module, run.make_data(seed), num_draws=draws, num_burnin_steps=10 + extra, seed=2000, **settings
-        ).llc_mean
+        extra: estimate_llc(module, data, num_draws=draws, num_burnin_steps=10 + extra, seed=2000, **settings).llc_mean
         for extra in (0, 100, 300, 1000)
     }
     print(
@@ -336,13 +333,14 @@ def pairing(key: str, seed: int, args: argparse.Namespace) -> None:
     per-draw variance ratio.
     """
     run = RUNS[key]
+    data = run.make_data(seed)
     for steps in (run.steps // 10, run.steps // 2, run.steps):
         module, _ = fit(run, seed, [], steps=steps)
         results: list[Any] = []
         epsilon: float | str = "adaptive"
         for repeat in range(PAIRING_REPEATS):
             result = estimate_llc(
-                module, run.make_data(seed), batch_size=run.batch_size, num_chains=4, num_draws=30,
+                module, data, batch_size=run.batch_size, num_chains=4, num_draws=30,
                 num_burnin_steps=300, epsilon=epsilon, seed=repeat,
             )  # fmt: skip
             epsilon = result.epsilon

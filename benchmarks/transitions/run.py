@@ -15,6 +15,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 from benchmarks.transitions.families import BUILDERS, CONTROLS, FAMILIES, specs, split
 from benchmarks.transitions.score import Score, agreement, score_run
+from lightning_devinterp.tracking.schedule import FIXED_LOSS_EVERY
 
 
 def _record(spec_args: tuple[str, int]) -> dict:
@@ -37,6 +38,12 @@ def main() -> None:
     parser.add_argument("--no-densify", action="store_true", help="no extra estimates around transitions")
     parser.add_argument(
         "--no-fixed-loss", action="store_true", help="without L(w*), the loss on the monitor's fixed data"
+    )
+    parser.add_argument(
+        "--fixed-loss-every",
+        type=int,
+        default=FIXED_LOSS_EVERY,
+        help="steps between the readings of L(w*) between estimates (the monitor spaces them by their cost; 0: none)",
     )
     parser.add_argument(
         "--offline",
@@ -67,6 +74,7 @@ def main() -> None:
                         baseline=args.baseline,
                         densify=not args.no_densify,
                         fixed_loss=not args.no_fixed_loss,
+                        fixed_loss_every=args.fixed_loss_every or None,
                     )
                 )
             if args.offline:

@@ -7,7 +7,9 @@ A run recorded with an explicit schedule (``every_n_steps``, the staircases) is 
 that many steps and no denser ones. Each estimate comes with L(w*), the loss on the monitor's data, which for these
 runs (whose data fits the monitor's cache) is the loss over the whole training set: the replay takes the full-set
 loss recorded at or before the estimate's step (every 10 steps, so up to 5 steps stale at the dense steps: never
-earlier than the monitor's). ``fixed_loss=False`` replays without it.
+earlier than the monitor's). Between estimates the monitor also reads L(w*) alone, every ``fixed_loss_every`` steps
+after the last estimate or reading (it spaces them by their cost; the replay takes a fixed spacing, as if the budget
+always had room). ``fixed_loss=False`` replays without L(w*).
 
 Metrics per family, for reports (onsets) only:
 - recall: an episode counts as found when a report of its own (each report serves one episode) lies between its
@@ -46,6 +48,7 @@ def replay(
     loss_settings: dict[str, Any] | None = None,
     llc_settings: dict[str, Any] | None = None,
     fixed_loss: bool = True,
+    fixed_loss_every: int | None = None,
 ) -> tuple[list[Transition], list[tuple[int, float]]]:
     """The reports the monitor would make on this run, and the (step, λ̂) points it would have seen. Settings
     (``None`` for a detector turns it off) default to the detectors' defaults.
@@ -58,7 +61,7 @@ def replay(
     full_loss = sorted(series["full_loss"])
     reports: list[Transition] = []
     seen: list[tuple[int, float]] = []
-    last = -math.inf
+    last, last_reading = -math.inf, -1
     epsilon_changed = False  # at a recorded estimate the replay skipped: the next one it takes uses the new step
     for step, loss in series["minibatch_loss"]:
         found = evidence.observe_loss(step, loss)
@@ -82,6 +85,12 @@ def replay(
             )
             at_w_star = _loss_at(full_loss, step) if fixed_loss else None
             found = evidence.observe_llc(step, entry["mean"], standard_error, entry["healthy"], fixed_loss=at_w_star)
+            if found is not None:
+                reports.append(found)
+        elif fixed_loss and fixed_loss_every and step - max(last, last_reading, 0) >= fixed_loss_every:
+            last_reading = step
+            at_w_star = _loss_at(full_loss, step)
+            found = evidence.observe_fixed_loss(step, at_w_star) if at_w_star is not None else None
             if found is not None:
                 reports.append(found)
     return reports, seen

@@ -30,6 +30,7 @@ from lightning_devinterp._rng import preserved_rng_states
 from lightning_devinterp.callbacks.reporting import (
     TransitionHook,
     announce_transition,
+    log_scalars,
     report_calibration,
     report_epsilon,
     report_estimate,
@@ -48,7 +49,7 @@ from lightning_devinterp.sampling.params import select_parameter_names
 from lightning_devinterp.sampling.susceptibility import PerSampleLossFn, ProbeSpec
 from lightning_devinterp.tracking.clock import working_time
 from lightning_devinterp.tracking.distributed import Collective
-from lightning_devinterp.tracking.schedule import EstimateSchedule
+from lightning_devinterp.tracking.schedule import EstimateSchedule, FixedLossReadings
 from lightning_devinterp.tracking.tracker import EstimateInputs, LLCRecord, LLCTracker, Processes
 
 log = logging.getLogger(__name__)
@@ -200,6 +201,7 @@ class LLCMonitor(Callback):
         self.tracker = LLCTracker(self.config, seed, evidence, clock=work_clock, probe=probe_spec)
         self.clock = work_clock
         self._losses: list[tuple[int, Any]] = []
+        self._readings = FixedLossReadings()
         self.previous_fits: list[FitHistory] = []
         self._reset_warnings()
         self._restored = False
@@ -290,6 +292,7 @@ class LLCMonitor(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start_a_new_history()
+        self._readings = FixedLossReadings()
         total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
         self.schedule.start(int(total) if math.isfinite(total) else None)
         with self.schedule.timed():
@@ -348,6 +351,9 @@ class LLCMonitor(Callback):
             if step > self.tracker.last_step and self._agreed(trainer, self._due(step)):
                 self._flush_losses(trainer, pl_module)
                 self._estimate(trainer, pl_module)
+            elif self._fixed_loss_due(trainer, step):
+                self._flush_losses(trainer, pl_module)
+                self._read_fixed_loss(trainer, pl_module, step)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """A last estimate at the final step (within the budget), then the λ̂ figure of the whole run."""
@@ -371,6 +377,19 @@ class LLCMonitor(Callback):
             and step - self.tracker.last_step >= DENSE_EVERY
         )
         return dense and self.schedule.has_room(step, self.tracker.smallest_cost())
+
+    def _fixed_loss_due(self, trainer: pl.Trainer, step: int) -> bool:
+        """A reading of L(w*) between estimates (see :class:`~lightning_devinterp.tracking.schedule.FixedLossReadings`):
+        only for the loss-drop detector, only where L(w*) is computed on data that stays the same (not on replayed
+        training batches), and under the budgeted schedule only when the budget has room for it.
+        """
+        if self.tracker.evidence.loss is None or self.data.buffers_batches:
+            return False
+        if not self._readings.due(step, self.tracker.last_step):
+            return False
+        if self.schedule.is_budgeted:
+            return self._agreed(trainer, self.schedule.has_room(step, self.tracker.smallest_cost()))
+        return True
 
     def _remember_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, outputs: Any) -> None:
         """Keep this step's training loss (on its device) for the loss-drop detector; hand them over every few steps."""
@@ -457,6 +476,35 @@ class LLCMonitor(Callback):
             self._announce(trainer, pl_module, transition)
         self.schedule.record(self.clock() - started)
 
+    def _read_fixed_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        """Read L(w*) between estimates, log it as ``llc/init_loss``, pass on a transition it shows, and space the
+        next reading so that readings cost at most their share of the training time.
+        """
+        started = self.clock()
+        self._readings.last_step = step
+        assert self._resolved_loss is not None
+        try:
+            with preserved_rng_states():
+                source = self.data.source(pl_module.device)
+            inputs = EstimateInputs(
+                pl_module,
+                self._resolved_loss,
+                source,
+                forward_context=trainer.strategy.precision_plugin.forward_context,
+            )
+            value, transition = self.tracker.read_fixed_loss(step, inputs)
+        except Exception as error:
+            if self.on_error == "raise":
+                raise
+            self._warn_once_per_failure(step, error, what="reading of L(w*)")
+            return
+        log_scalars(trainer, {names.LLC_INIT_LOSS: value}, step)
+        if transition is not None:
+            self._announce(trainer, pl_module, transition)
+        every = self._readings.spacing_after(self.clock() - started, self.schedule.typical_step_seconds())
+        # Timing differs between ranks; the spacing must not, or the ranks' detectors would part ways.
+        self._readings.every = int(trainer.strategy.broadcast(every, src=0)) if trainer.world_size > 1 else every
+
     def _say_once_what_the_budget_affords(self, step: int) -> None:
         """A planned estimate did not fit the budget even at its smallest: say once what the plan would cost."""
         if self._warned_budget:
@@ -491,16 +539,18 @@ class LLCMonitor(Callback):
             category=LLCEstimateWarning,
         )
 
-    def _warn_once_per_failure(self, step: int, error: Exception) -> None:
-        """Warn about a failed estimate; the same failure again (say, a diverged training run) only goes to the log."""
+    def _warn_once_per_failure(self, step: int, error: Exception, what: str = "estimate") -> None:
+        """Warn about a failed estimate (or reading of L(w*), ``what``); the same failure again (say, a diverged
+        training run) only goes to the log.
+        """
         reason = f"{type(error).__name__}: {error}"
         if reason in self._failures_seen:
-            log.info("LLCMonitor: the estimate at step %d failed again (%s)", step, reason)
+            log.info("LLCMonitor: the %s at step %d failed again (%s)", what, step, reason)
             return
         self._failures_seen.add(reason)
         rank_zero_warn(
-            f"LLCMonitor: the estimate at step {step} failed and was skipped ({reason}). Training continues; the same failure "
-            "at later estimates is logged at INFO, not warned again.",
+            f"LLCMonitor: the {what} at step {step} failed and was skipped ({reason}). Training continues; the same "
+            "failure later is logged at INFO, not warned again.",
             category=LLCEstimateWarning,
         )
 

@@ -121,6 +121,14 @@ class TransitionEvidence:
         scale = self.llc.scale() if self.llc.level is not None else self.llc.relative_floor * abs(before)
         return abs(after - before) >= max(self.llc.threshold * scale, self.llc.min_relative_change * abs(before))
 
+    def observe_fixed_loss(self, step: int, fixed_loss: float) -> Transition | None:
+        """Feed L(w*), the loss on the sampler's fixed data at w*, at a step between estimates (it needs only a forward
+        pass, so it can come more often than λ̂); the onset or end of a loss drop seen on it, if one is reported.
+        """
+        if self.loss is None:
+            return None
+        return self._loss_report(self.loss.update_fixed_data(step, fixed_loss))
+
     def observe_llc(
         self, step: int, value: float, std: float | None = None, healthy: bool = True, fixed_loss: float | None = None
     ) -> Transition | None:

@@ -151,6 +151,31 @@ def mean_init_loss(loss: FunctionalLoss, source: MinibatchSource, chunk_size: in
     return total / count
 
 
+def loss_at_w_star(
+    model: nn.Module,
+    loss_fn: LossFn,
+    source: MinibatchSource,
+    chunk_size: int,
+    forward_context: Callable[[], ContextManager[Any]] = nullcontext,
+) -> float:
+    """L(w*) alone, as an estimate computes it (:func:`mean_init_loss`) but without chains: forward passes over the
+    data at the model's current weights, the model quiet (eval mode, hooks and logging off) and the global RNG states
+    untouched, so that training goes on as if nothing had happened.
+
+    Args:
+        model: the model at w*.
+        loss_fn: ``loss_fn(model, batch) -> scalar`` mean loss.
+        source: the data (all of it, or a fixed subset for data too large to cache).
+        chunk_size: samples per forward pass.
+        forward_context: wraps the forward passes (a Trainer's autocast, for instance).
+
+    Raises:
+        ValueError: as :func:`mean_init_loss`.
+    """
+    with preserved_rng_states(), quiet_evaluation(model), forward_context():
+        return mean_init_loss(FunctionalLoss(model, loss_fn, [], source.device), source, chunk_size)
+
+
 def mean_init_gradient(loss: FunctionalLoss, source: MinibatchSource, chunk_size: int) -> Params:
     """∇L(w*): the gradient of the loss over the same data as :func:`mean_init_loss`, at w*.
 

@@ -32,6 +32,16 @@ FIRST_FRACTION = 0.005
 """The first planned estimate comes after this share of training (at least one step): at a random
 initialisation w* is no minimum, and λ̂ there is not a measurement."""
 
+FIXED_LOSS_EVERY = 25
+"""Between estimates, L(w*) on the estimates' fixed data (a forward pass, no chains) is read for the loss-drop
+detector every this many steps: it is the detector's series without minibatch noise, and estimates far apart
+(an explicit schedule) would leave it too coarse to date the stages of a staircase."""
+
+FIXED_LOSS_SHARE = 0.03
+"""Readings of L(w*) between estimates are spaced so that they cost at most this share of the training time (further
+apart than :data:`FIXED_LOSS_EVERY` where the fixed data is large); under the budgeted schedule they are extras,
+taken only when the budget has room beyond the planned estimates."""
+
 
 def planned_steps(total_steps: int, count: int = TARGET_ESTIMATES) -> list[int]:
     """The budgeted schedule's plan: log-spaced from :data:`FIRST_FRACTION` to :data:`EARLY_FRACTION` of the run,
@@ -202,9 +212,16 @@ class EstimateSchedule:
         paid for would leave nothing for the end.
         """
         training = self.training_seconds()
-        if not self._step_seconds:
+        typical = self.typical_step_seconds()
+        if typical is None:
             return self._over_the_run(training, step)
-        return training + statistics.median(self._step_seconds) * (self._run_steps(step) - step)
+        return training + typical * (self._run_steps(step) - step)
+
+    def typical_step_seconds(self) -> float | None:
+        """The training time of a typical optimizer step lately (the median of the last :data:`PACE_STEPS`); None
+        before two steps have been timed.
+        """
+        return statistics.median(self._step_seconds) if self._step_seconds else None
 
     def _run_steps(self, step: int) -> int:
         """The run's length in optimizer steps, as known at ``step`` (``step`` itself when unknown or passed)."""
@@ -302,3 +319,25 @@ class EstimateSchedule:
         self.first_seconds = state.get("first_seconds", 0.0)
         self.estimate_seconds = state.get("estimate_seconds", 0.0)
         self.last_cost = state["last_cost"]
+
+
+class FixedLossReadings:
+    """When to read L(w*) between estimates: :data:`FIXED_LOSS_EVERY` steps after the last reading or estimate, or
+    further apart when the cheapest reading so far would cost more than :data:`FIXED_LOSS_SHARE` of training.
+    """
+
+    def __init__(self) -> None:
+        self.last_step = -1
+        self.every = FIXED_LOSS_EVERY
+        self.cheapest = math.inf
+
+    def due(self, step: int, last_estimate: int) -> bool:
+        """Whether a reading belongs at ``step``, the last estimate having been at ``last_estimate``."""
+        return step - max(last_estimate, self.last_step, 0) >= self.every
+
+    def spacing_after(self, seconds: float, typical_step_seconds: float | None) -> int:
+        """The steps to the next reading, given this one's cost and a typical training step's."""
+        self.cheapest = min(self.cheapest, seconds)
+        if not typical_step_seconds:
+            return FIXED_LOSS_EVERY
+        return max(FIXED_LOSS_EVERY, math.ceil(self.cheapest / (FIXED_LOSS_SHARE * typical_step_seconds)))

@@ -31,7 +31,7 @@ from lightning_devinterp._rng import preserved_rng_states
 from lightning_devinterp.detection.combined import TransitionEvidence
 from lightning_devinterp.detection.transition import Transition
 from lightning_devinterp.sampling.calibration import CalibrationResult, calibrate_on_source
-from lightning_devinterp.sampling.chains import ChainRun, run_chains
+from lightning_devinterp.sampling.chains import ChainRun, loss_at_w_star, run_chains
 from lightning_devinterp.sampling.config import Epsilon, SamplingConfig
 from lightning_devinterp.sampling.data import MinibatchSource
 from lightning_devinterp.sampling.health import MIN_ACCEPTANCE
@@ -483,6 +483,14 @@ class LLCTracker:
         return self._keep(
             self.evidence.observe_llc(record.step, record.llc_mean, standard_error, record.healthy, fixed_loss)
         )
+
+    def read_fixed_loss(self, step: int, inputs: EstimateInputs) -> tuple[float, Transition | None]:
+        """L(w*) on the estimates' fixed data at ``step``, between estimates (a forward pass, no chains), fed to the
+        loss-drop detector; the value, and the onset or end it reports, if any.
+        """
+        chunk_size = inputs.source.batch_size * SMALLEST.num_chains
+        value = loss_at_w_star(inputs.module, inputs.loss_fn, inputs.source, chunk_size, inputs.forward_context)
+        return value, self._keep(self.evidence.observe_fixed_loss(step, value))
 
     def observe_loss(self, step: int, loss: float) -> Transition | None:
         """Feed the training loss at ``step``; the onset or end of a loss drop, if one is reported."""

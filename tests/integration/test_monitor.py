@@ -49,6 +49,24 @@ def test_training_is_bit_identical_with_and_without_the_monitor(tmp_path):
     assert watched.training and all(p.requires_grad for p in watched.parameters())
 
 
+def test_between_sparse_estimates_the_loss_at_w_star_is_read_and_training_stays_bit_identical(tmp_path):
+    """Estimates 100 steps apart leave L(w*) too coarse to date a fall: it is read (a forward pass) every 25 steps in
+    between, or further apart where that would cost more than a small share of training, and logged at its step."""
+    plain, _ = train(tmp_path / "plain", [], max_steps=60)
+    logger = TensorBoardLogger(str(tmp_path), name="run")
+    monitor = LLCMonitor(every_n_steps=100, **QUICK)
+    watched, _ = train(tmp_path / "watched", [monitor], logger=logger, max_steps=60)
+    for (name, a), b in zip(plain.state_dict().items(), watched.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert [r.step for r in monitor.history] == [0, 60]
+    read = [event.step for event in tensorboard_scalars(logger.log_dir).Scalars("llc/init_loss")]
+    assert read[:2] == [0, 25] and read[-1] == 60 and set(read) <= {0, 25, 50, 60}
+    blind = LLCMonitor(every_n_steps=100, loss_detector=False, **QUICK)
+    quiet_logger = TensorBoardLogger(str(tmp_path), name="without")
+    train(tmp_path / "without", [blind], logger=quiet_logger, max_steps=60)
+    assert [event.step for event in tensorboard_scalars(quiet_logger.log_dir).Scalars("llc/init_loss")] == [0, 60]
+
+
 def tensorboard_scalars(log_dir):
     events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "tensors": 0})
     events.Reload()

@@ -3,17 +3,22 @@
 The full benchmark (seeds 0-47 of every family, tuning and held-out sets) is a script, not a test; this checks that the
 pipeline works end to end and that the monitor's detection keeps its recall, its latency and its silence on staged
 runs and controls (superposition's slow drop is reported within 150 steps of its start only with L(w*)), and that a
-staircase under an explicit schedule, and a superposition staircase, get an onset and an end per stage.
+staircase under an explicit schedule, and a superposition staircase, get an onset and an end per stage; and that
+the live monitor does as well as the replay says on a superposition staircase watched with sparse estimates.
 """
 
 import math
+import warnings
 
+import lightning.pytorch as pl
 import pytest
+from torch.utils.data import DataLoader
 
 from benchmarks.transitions.families import BUILDERS, CONTROLS
 from benchmarks.transitions.ground_truth import episodes, stages
-from benchmarks.transitions.record import record
-from benchmarks.transitions.score import ground_truth, score_run
+from benchmarks.transitions.record import Recorder, record
+from benchmarks.transitions.score import RECALL_AFTER, RECALL_BEFORE, ground_truth, score_run
+from lightning_devinterp import LLCMonitor
 
 
 @pytest.mark.slow
@@ -37,6 +42,37 @@ def test_a_recorded_run_is_scored_against_its_loss_curve(family, seed, tmp_path)
     if family == "tms-stairs":
         assert score.episodes == len(score.end_latencies) == 2
     assert score.impossible == 0
+
+
+@pytest.mark.slow
+def test_a_superposition_staircase_under_sparse_estimates_gets_each_stage_its_own_onset_and_end():
+    """Estimates 200 steps apart, no densification, and a minibatch loss too noisy to show either fall: L(w*), read
+    every few dozen steps in between, dates both stages of this staircase (450-800 and 910-1130 by its features'
+    losses); from the estimates alone the monitor reported one onset at 600 and one end at 1400."""
+    spec = BUILDERS["tms-stairs"](1)
+    pl.seed_everything(spec.seed, verbose=False)
+    trainee, data = spec.build()
+    monitor = LLCMonitor(every_n_steps=200, seed=spec.seed)
+    recorder = Recorder(data, spec.stage_losses)
+    trainer = pl.Trainer(
+        max_steps=spec.steps,
+        callbacks=[monitor, recorder],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(trainee, DataLoader(data, batch_size=spec.batch_size, shuffle=True))
+    truth = [stage for stage in stages(recorder.stages, recorder.full) if not stage.optional]
+    onsets = [report.step for report in monitor.transitions if report.is_onset]
+    ends = [report.step for report in monitor.transitions if not report.is_onset]
+    assert len(truth) == len(onsets) == len(ends) == 2
+    for stage, onset, end in zip(truth, onsets, ends):
+        assert stage.start - RECALL_BEFORE <= onset <= stage.end + RECALL_AFTER
+        assert onset < end <= stage.end + 200
 
 
 def sigmoid(step: int, at: int) -> float:

@@ -12,7 +12,15 @@ from hypothesis import strategies as st
 from lightning_devinterp import SamplingConfig, TransitionDetector
 from lightning_devinterp.detection.combined import TransitionEvidence
 from lightning_devinterp.tracking.clock import working_time
-from lightning_devinterp.tracking.schedule import EARLY_FRACTION, TARGET_ESTIMATES, EstimateSchedule, planned_steps
+from lightning_devinterp.tracking.schedule import (
+    EARLY_FRACTION,
+    FIXED_LOSS_EVERY,
+    FIXED_LOSS_SHARE,
+    TARGET_ESTIMATES,
+    EstimateSchedule,
+    FixedLossReadings,
+    planned_steps,
+)
 from lightning_devinterp.tracking.tracker import (
     FEWEST_DRAWS,
     LARGEST,
@@ -208,3 +216,29 @@ def test_pairing_stops_where_a_healthy_estimate_shows_it_buys_nothing_and_rechec
         else:
             tracker.record(step, _paired(0.0, warnings=["drifting"]), 0.1)
     assert decisions == [False] * (PAIRING_RECHECK - 1) + [True] * (PAIRING_RECHECK + 1)
+
+
+@settings(deadline=None)
+@given(
+    readings=st.lists(st.floats(1e-5, 1.0), min_size=1, max_size=5),
+    step_seconds=st.floats(1e-4, 1.0),
+)
+def test_readings_of_the_loss_at_w_star_are_spaced_to_cost_a_small_share_of_training(readings, step_seconds):
+    """As close as every FIXED_LOSS_EVERY steps, no closer than their share of training allows, judged by the
+    cheapest reading so far (one slowed by a pause elsewhere does not thin them out)."""
+    spacing = FixedLossReadings()
+    for seconds in readings:
+        every = spacing.spacing_after(seconds, step_seconds)
+    cheapest = min(readings)
+    assert every >= FIXED_LOSS_EVERY
+    assert cheapest <= FIXED_LOSS_SHARE * every * step_seconds * (1 + 1e-9)
+    assert every == FIXED_LOSS_EVERY or cheapest > FIXED_LOSS_SHARE * (every - 1) * step_seconds
+    assert spacing.spacing_after(cheapest, None) == FIXED_LOSS_EVERY
+
+
+def test_a_reading_is_due_its_spacing_after_the_last_reading_or_estimate():
+    readings = FixedLossReadings()
+    assert not readings.due(FIXED_LOSS_EVERY - 1, last_estimate=-1) and readings.due(FIXED_LOSS_EVERY, last_estimate=-1)
+    readings.last_step = 100
+    assert not readings.due(100 + FIXED_LOSS_EVERY, last_estimate=110)
+    assert readings.due(110 + FIXED_LOSS_EVERY, last_estimate=110)

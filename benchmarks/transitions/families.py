@@ -403,10 +403,15 @@ STAIRCASE_SEEDS = range(48, 60)
 pause relative to the ended fall) was fixed, and scored only in aggregate, after it."""
 
 
+READINGS_SEEDS = range(60, 72)
+"""Seeds of the staircase families recorded after the monitor began reading L(w*) between estimates, and scored
+only in aggregate, after it."""
+
+
 def split(seed: int) -> str:
     """Which part of the benchmark a seed belongs to. Defaults are tuned on the even seeds below 12 and on seeds 24
     to 35 (recorded for a second round of tuning); the odd seeds below 12, the :data:`FRESH_SEEDS`, the
-    :data:`LATEST_SEEDS` and the :data:`STAIRCASE_SEEDS` are held out.
+    :data:`LATEST_SEEDS`, the :data:`STAIRCASE_SEEDS` and the :data:`READINGS_SEEDS` are held out.
     """
     if seed in FRESH_SEEDS:
         return "fresh"
@@ -414,6 +419,8 @@ def split(seed: int) -> str:
         return "latest"
     if seed in STAIRCASE_SEEDS:
         return "staircase"
+    if seed in READINGS_SEEDS:
+        return "readings"
     if seed >= FRESH_SEEDS.stop:
         return "tuning"
     return "held-out" if seed % 2 else "tuning"

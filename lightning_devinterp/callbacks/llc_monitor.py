@@ -95,8 +95,8 @@ class LLCMonitor(Callback):
     Each estimate is logged at ``trainer.global_step`` to every logger (the names are in
     :mod:`lightning_devinterp.metric_names`); a healthy one also goes to ``trainer.callback_metrics`` (so
     ``EarlyStopping`` and ``ModelCheckpoint`` can monitor ``llc/mean``) and the progress bar. Transitions are found
-    from the training loss at every step, each estimate's L(w*) and λ̂ itself (see
-    :class:`~lightning_devinterp.detection.combined.TransitionEvidence`); each report is a
+    from the training loss at every step, L(w*) at each estimate and every few dozen steps between them, and λ̂
+    itself (see :class:`~lightning_devinterp.detection.combined.TransitionEvidence`); each report is a
     :class:`~lightning_devinterp.TransitionWarning`, a logged marker and text, optionally a checkpoint, and a call
     of ``on_transition``. The history, schedule, step size and detector state are saved in checkpoints, so a resumed
     run neither repeats nor forgets an estimate. See docs/monitor.md for the whole story.
@@ -381,14 +381,18 @@ class LLCMonitor(Callback):
     def _fixed_loss_due(self, trainer: pl.Trainer, step: int) -> bool:
         """A reading of L(w*) between estimates (see :class:`~lightning_devinterp.tracking.schedule.FixedLossReadings`):
         only for the loss-drop detector, only where L(w*) is computed on data that stays the same (not on replayed
-        training batches), and under the budgeted schedule only when the budget has room for it.
+        training batches), and under the budgeted schedule only when the budget has room for it (if not, the next
+        reading is considered a spacing later, not at every step).
         """
         if self.tracker.evidence.loss is None or self.data.buffers_batches:
             return False
         if not self._readings.due(step, self.tracker.last_step):
             return False
-        if self.schedule.is_budgeted:
-            return self._agreed(trainer, self.schedule.has_room(step, self.tracker.smallest_cost()))
+        if self.schedule.is_budgeted and not self._agreed(
+            trainer, self.schedule.has_room(step, self.tracker.smallest_cost())
+        ):
+            self._readings.last_step = step
+            return False
         return True
 
     def _remember_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, outputs: Any) -> None:

@@ -1,4 +1,4 @@
-"""When the monitor estimates, and how much wall time each estimate may take."""
+"""When the monitor estimates (and reads L(w*) between estimates), and how much wall time each estimate may take."""
 
 from __future__ import annotations
 

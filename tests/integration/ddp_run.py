@@ -13,19 +13,20 @@ from tests.helpers.trainers import Regressor, regression_loader
 if __name__ == "__main__":
     out_dir = sys.argv[1]
     pl.seed_everything(0)
-    monitor = LLCMonitor(every_n_steps=6, num_chains=3, num_draws=10, num_burnin_steps=3)
+    monitor = LLCMonitor(every_n_steps=15, num_chains=3, num_draws=10, num_burnin_steps=3)
+    sparse = LLCMonitor(every_n_steps=100, num_chains=2, num_draws=5, num_burnin_steps=2, seed=1)
     watcher = TransitionMonitor(monitor="train_loss")
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
         strategy="ddp",
-        max_steps=12,
+        max_steps=30,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=out_dir,
-        callbacks=[monitor, watcher],
+        callbacks=[monitor, sparse, watcher],
     )
     trainer.fit(Regressor(), regression_loader())
     record = {
@@ -37,6 +38,8 @@ if __name__ == "__main__":
         if "llc/mean" in trainer.callback_metrics
         else None,
         "loss_detector": watcher.detector.state_dict(),
+        "sparse_steps": [r.step for r in sparse.history],
+        "sparse_fixed_loss": sparse.loss_detector.state_dict()["fixed"] if sparse.loss_detector else None,
     }
     with open(os.path.join(out_dir, f"rank{trainer.global_rank}.json"), "w") as handle:
         json.dump(record, handle)

@@ -54,16 +54,10 @@ class Recorder(pl.Callback):
             self._full_loss(trainer, pl_module)
 
 
-def record(spec: Spec, directory: Path = RECORDED) -> dict[str, Any]:
-    """Train ``spec`` once with the monitor and the recorder; the series as a JSON-able dict (cached in ``directory``)."""
-    path = directory / f"{spec.key}.json"
-    if path.exists():
-        return json.loads(path.read_text())
+def train_recorded(spec: Spec, monitor: LLCMonitor) -> Recorder:
+    """Train ``spec`` (seeded) with ``monitor`` and a :class:`Recorder`, quietly on the CPU; the recorder."""
     pl.seed_everything(spec.seed, verbose=False)
     trainee, data = spec.build()
-    monitor = LLCMonitor(
-        every_n_steps=GRID, num_chains=4, num_burnin_steps=10, num_draws=40, detector=False, seed=spec.seed
-    )
     recorder = Recorder(data, spec.stage_losses)
     trainer = pl.Trainer(
         max_steps=spec.steps,
@@ -77,6 +71,18 @@ def record(spec: Spec, directory: Path = RECORDED) -> dict[str, Any]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(trainee, DataLoader(data, batch_size=spec.batch_size, shuffle=True))
+    return recorder
+
+
+def record(spec: Spec, directory: Path = RECORDED) -> dict[str, Any]:
+    """Train ``spec`` once with the monitor and the recorder; the series as a JSON-able dict (cached in ``directory``)."""
+    path = directory / f"{spec.key}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    monitor = LLCMonitor(
+        every_n_steps=GRID, num_chains=4, num_burnin_steps=10, num_draws=40, detector=False, seed=spec.seed
+    )
+    recorder = train_recorded(spec, monitor)
     series = {
         "family": spec.family,
         "name": spec.name,

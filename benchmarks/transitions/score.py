@@ -9,7 +9,8 @@ runs (whose data fits the monitor's cache) is the loss over the whole training s
 loss recorded at or before the estimate's step (every 10 steps, so up to 5 steps stale at the dense steps: never
 earlier than the monitor's). Between estimates the monitor also reads L(w*) alone, every ``fixed_loss_every`` steps
 after the last estimate or reading (it spaces them by their cost; the replay takes a fixed spacing, as if the budget
-always had room). ``fixed_loss=False`` replays without L(w*).
+always had room; the value is again the recorded one at or before the step, up to 9 steps stale). ``fixed_loss=False``
+replays without L(w*).
 
 Metrics per family, for reports (onsets) only:
 - recall: an episode counts as found when a report of its own (each report serves one episode) lies between its

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_devinterp import LLCEstimateWarning, LLCMonitor
 from lightning_devinterp.theory import quadratic_sgld_llc
+from lightning_devinterp.tracking.schedule import FIXED_LOSS_SHARE
 from lightning_devinterp.tracking.tracker import PAIRING_PAYS, PAIRING_RECHECK, SMALLEST, TARGET_RELATIVE_ERROR
 from tests.helpers.models import gaussian_nll
 from tests.helpers.trainers import AtMinimum, Regressor, make_trainer, regression_loader
@@ -46,14 +47,26 @@ class CountedWork(AtMinimum):
 def test_default_monitor_gives_a_curve_at_one_adapted_step(tmp_path):
     module = CountedWork()
     monitor = LLCMonitor(clock=module.clock)
+    readings = []  # the counted seconds of each reading of L(w*) between estimates
+    read = monitor.tracker.read_fixed_loss
+
+    def timed_read(step, inputs):
+        started = module.clock()
+        found = read(step, inputs)
+        readings.append(module.clock() - started)
+        return found
+
+    monitor.tracker.read_fixed_loss = timed_read
     fit(tmp_path, module, monitor, 3000)
     steps = [record.step for record in monitor.history]
     assert len(steps) >= 20 and steps[0] > 0 and steps[-1] >= 2400  # no estimate at a random initialisation
     epsilons = {record.result.epsilon for record in monitor.history}
     assert len(epsilons) == 1 and not any(record.epsilon_changed for record in monitor.history)
     assert sum(record.healthy for record in monitor.history[2:]) >= 0.9 * len(monitor.history[2:])
-    assert monitor.schedule.own_seconds == pytest.approx(sum(record.seconds for record in monitor.history))
+    estimates = sum(record.seconds for record in monitor.history)
+    assert monitor.schedule.own_seconds == pytest.approx(estimates + sum(readings))
     assert monitor.schedule.own_seconds <= 0.2 * 3000 * 0.003  # within the budget, stretched at most to twice 10%
+    assert readings and sum(readings) <= FIXED_LOSS_SHARE * 3000 * 0.003  # extras the budget had room for
 
 
 class Sharpening(Regressor):

@@ -8,15 +8,12 @@ the live monitor does as well as the replay says on a superposition staircase wa
 """
 
 import math
-import warnings
 
-import lightning.pytorch as pl
 import pytest
-from torch.utils.data import DataLoader
 
 from benchmarks.transitions.families import BUILDERS, CONTROLS
 from benchmarks.transitions.ground_truth import episodes, stages
-from benchmarks.transitions.record import Recorder, record
+from benchmarks.transitions.record import record, train_recorded
 from benchmarks.transitions.score import RECALL_AFTER, RECALL_BEFORE, ground_truth, score_run
 from lightning_devinterp import LLCMonitor
 
@@ -50,22 +47,8 @@ def test_a_superposition_staircase_under_sparse_estimates_gets_each_stage_its_ow
     every few dozen steps in between, dates both stages of this staircase (450-800 and 910-1130 by its features'
     losses); from the estimates alone the monitor reported one onset at 600 and one end at 1400."""
     spec = BUILDERS["tms-stairs"](1)
-    pl.seed_everything(spec.seed, verbose=False)
-    trainee, data = spec.build()
     monitor = LLCMonitor(every_n_steps=200, seed=spec.seed)
-    recorder = Recorder(data, spec.stage_losses)
-    trainer = pl.Trainer(
-        max_steps=spec.steps,
-        callbacks=[monitor, recorder],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(trainee, DataLoader(data, batch_size=spec.batch_size, shuffle=True))
+    recorder = train_recorded(spec, monitor)
     truth = [stage for stage in stages(recorder.stages, recorder.full) if not stage.optional]
     onsets = [report.step for report in monitor.transitions if report.is_onset]
     ends = [report.step for report in monitor.transitions if not report.is_onset]

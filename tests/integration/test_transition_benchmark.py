@@ -47,7 +47,7 @@ def test_a_superposition_staircase_under_sparse_estimates_gets_each_stage_its_ow
     every few dozen steps in between, dates both stages of this staircase (450-800 and 910-1130 by its features'
     losses); from the estimates alone the monitor reported one onset at 600 and one end at 1400."""
     spec = BUILDERS["tms-stairs"](1)
-    monitor = LLCMonitor(every_n_steps=200, seed=spec.seed)
+    monitor = LLCMonitor(every_n_steps=200, seed=spec.seed, num_burnin_steps=10, num_draws=20)  # λ̂ plays no part
     recorder = train_recorded(spec, monitor)
     truth = [stage for stage in stages(recorder.stages, recorder.full) if not stage.optional]
     onsets = [report.step for report in monitor.transitions if report.is_onset]

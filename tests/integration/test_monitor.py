@@ -60,7 +60,8 @@ def test_between_sparse_estimates_the_loss_at_w_star_is_read_and_training_stays_
         assert torch.equal(a, b), name
     assert [r.step for r in monitor.history] == [0, 60]
     read = [event.step for event in tensorboard_scalars(logger.log_dir).Scalars("llc/init_loss")]
-    assert read[:2] == [0, 25] and read[-1] == 60 and set(read) <= {0, 25, 50, 60}
+    assert read[:2] == [0, 25] and read[-1] == 60  # the estimates at 0 and 60, the first reading at 25
+    assert all(later - earlier >= 25 for earlier, later in zip(read[1:-2], read[2:-1]))  # 25 apart, or more if costly
     blind = LLCMonitor(every_n_steps=100, loss_detector=False, **QUICK)
     quiet_logger = TensorBoardLogger(str(tmp_path), name="without")
     train(tmp_path / "without", [blind], logger=quiet_logger, max_steps=60)

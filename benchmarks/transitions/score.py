@@ -37,6 +37,7 @@ from lightning_devinterp.detection.combined import TransitionEvidence, detect_tr
 from lightning_devinterp.detection.level_shifts import LevelShiftDetector
 from lightning_devinterp.detection.loss_drops import FIXED_DATA_METRIC, LossDropDetector
 from lightning_devinterp.detection.transition import Transition
+from lightning_devinterp.tracking.schedule import FixedLossReadings
 
 RECALL_BEFORE = 100
 RECALL_AFTER = 150
@@ -62,7 +63,9 @@ def replay(
     full_loss = sorted(series["full_loss"])
     reports: list[Transition] = []
     seen: list[tuple[int, float]] = []
-    last, last_reading = -math.inf, -1
+    last = -1
+    readings = FixedLossReadings()  # the monitor's rule, at the fixed spacing
+    readings.every = fixed_loss_every or 0
     epsilon_changed = False  # at a recorded estimate the replay skipped: the next one it takes uses the new step
     for step, loss in series["minibatch_loss"]:
         found = evidence.observe_loss(step, loss)
@@ -88,8 +91,8 @@ def replay(
             found = evidence.observe_llc(step, entry["mean"], standard_error, entry["healthy"], fixed_loss=at_w_star)
             if found is not None:
                 reports.append(found)
-        elif fixed_loss and fixed_loss_every and step - max(last, last_reading, 0) >= fixed_loss_every:
-            last_reading = step
+        elif fixed_loss and fixed_loss_every and readings.due(step, last):
+            readings.last_step = step
             at_w_star = _loss_at(full_loss, step)
             found = evidence.observe_fixed_loss(step, at_w_star) if at_w_star is not None else None
             if found is not None:

@@ -448,13 +448,8 @@ class LLCMonitor(Callback):
             self._say_once_what_the_budget_affords(step)
             return
         shape = dataclasses.replace(shape, num_chains=max(shape.num_chains, trainer.world_size))
-        assert self._resolved_loss is not None
         try:
-            with preserved_rng_states():
-                source = self.data.source(pl_module.device)
-            inputs = EstimateInputs(
-                pl_module, self._resolved_loss, source, processes, trainer.strategy.precision_plugin.forward_context
-            )
+            inputs = self._inputs(trainer, pl_module, processes)
             if self.tracker.epsilon is None and self.config.epsilon == "auto":
                 calibration = self.tracker.calibrate(step, inputs)
                 rank_zero_info(
@@ -480,23 +475,24 @@ class LLCMonitor(Callback):
             self._announce(trainer, pl_module, transition)
         self.schedule.record(self.clock() - started)
 
+    def _inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule, processes: Processes) -> EstimateInputs:
+        """What an estimate or a reading of L(w*) is taken of: the module, its loss, the data (chosen with the global
+        RNG states kept), the processes that share the work and the Trainer's forward context.
+        """
+        assert self._resolved_loss is not None
+        with preserved_rng_states():
+            source = self.data.source(pl_module.device)
+        forward_context = trainer.strategy.precision_plugin.forward_context
+        return EstimateInputs(pl_module, self._resolved_loss, source, processes, forward_context)
+
     def _read_fixed_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         """Read L(w*) between estimates, log it as ``llc/init_loss``, pass on a transition it shows, and space the
         next reading so that readings cost at most their share of the training time.
         """
         started = self.clock()
         self._readings.last_step = step
-        assert self._resolved_loss is not None
         try:
-            with preserved_rng_states():
-                source = self.data.source(pl_module.device)
-            inputs = EstimateInputs(
-                pl_module,
-                self._resolved_loss,
-                source,
-                forward_context=trainer.strategy.precision_plugin.forward_context,
-            )
-            value, transition = self.tracker.read_fixed_loss(step, inputs)
+            value, transition = self.tracker.read_fixed_loss(step, self._inputs(trainer, pl_module, Processes()))
         except Exception as error:
             if self.on_error == "raise":
                 raise

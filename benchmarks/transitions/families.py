@@ -408,10 +408,16 @@ READINGS_SEEDS = range(60, 72)
 only in aggregate, after it."""
 
 
+SPIKES_SEEDS = range(72, 96)
+"""Seeds recorded after the loss rule stopped taking a loss's recovery from a spike for a fall (the digits control
+for all 24; the other families for the first 12), and scored only in aggregate, after it."""
+
+
 def split(seed: int) -> str:
     """Which part of the benchmark a seed belongs to. Defaults are tuned on the even seeds below 12 and on seeds 24
     to 35 (recorded for a second round of tuning); the odd seeds below 12, the :data:`FRESH_SEEDS`, the
-    :data:`LATEST_SEEDS`, the :data:`STAIRCASE_SEEDS` and the :data:`READINGS_SEEDS` are held out.
+    :data:`LATEST_SEEDS`, the :data:`STAIRCASE_SEEDS`, the :data:`READINGS_SEEDS` and the :data:`SPIKES_SEEDS` are
+    held out.
     """
     if seed in FRESH_SEEDS:
         return "fresh"
@@ -421,6 +427,8 @@ def split(seed: int) -> str:
         return "staircase"
     if seed in READINGS_SEEDS:
         return "readings"
+    if seed in SPIKES_SEEDS:
+        return "spikes"
     if seed >= FRESH_SEEDS.stop:
         return "tuning"
     return "held-out" if seed % 2 else "tuning"

@@ -6,6 +6,8 @@ transition, score.py for the metrics.
     python -m benchmarks.transitions.run [--seeds 48] [--families dln tms parity linear ...] [--jobs 2]
     python -m benchmarks.transitions.run --seeds 60 --families dln stairs tms-stairs    # + the staircase split
     python -m benchmarks.transitions.run --seeds 72 --families stairs tms-stairs        # + the readings split
+    python -m benchmarks.transitions.run --seeds 84                                     # + the spikes split
+    python -m benchmarks.transitions.run --seeds 96 --families digits                   # (24 seeds of the digits control)
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def main() -> None:
         f"{'end lat.':>8} {'impossible':>10}{agree}"
     )
     for family in args.families:
-        for part in ("tuning", "held-out", "fresh", "latest", "staircase", "readings"):
+        for part in ("tuning", "held-out", "fresh", "latest", "staircase", "readings", "spikes"):
             chosen = [series for series in recorded if series["family"] == family and split(series["seed"]) == part]
             if not chosen:
                 continue

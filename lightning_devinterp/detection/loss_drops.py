@@ -5,8 +5,10 @@ compared with its value ``lag`` steps earlier: the *rate* ``R(t) = s(t - lag) - 
 defaults, per 100 steps: 0.1 is a 10% fall). An onset needs three things at once:
 
 - ``R`` above ``drop``, and above ``noise_z`` times its own noise (so minibatch noise cannot pass for a fall), and
-  the smoothed log-loss now that far below the plateau's level too (a loss that only comes back down from a spike
-  above its plateau has not fallen);
+  the smoothed log-loss now that far below the plateau's level too; and the fall as fast from the lowest smoothed
+  value since the plateau ended (per ``lag`` steps, over the steps since that value): a loss that only comes back
+  down from a spike, above its plateau or after it, has not fallen (Adam late in training makes such spikes in a
+  loss that keeps decaying slowly);
 - a *plateau* shortly before it: a stretch of ``plateau_steps`` over which the smoothed log-loss stayed within a
   band of ``plateau`` (or its noise), ending at most :data:`LOOKBACK` lags before the fall's window (a fall that
   accelerates gradually after a long plateau counts), and ``R`` now at least :data:`CONTRAST` times that band
@@ -47,11 +49,12 @@ A second, sparse series may come in through :meth:`LossDropDetector.update_fixed
 not change between calls (the monitor's L(w*), its loss over the whole training set at each estimate). It has no
 minibatch noise, so a slow fall that the minibatch loss hides under its noise for hundreds of steps shows there
 at the first estimate after it starts. The same rule applies to it point by point, without smoothing: a fall of
-more than ``drop`` over at least ``lag`` steps, below the level of a plateau whose band is at most ``plateau``
-and ``CONTRAST`` times smaller than the fall. Its noise is that of the weights, not of minibatches, and shows in the series' own calm rates: the fall must
-also exceed their median plus :data:`FIXED_NOISE_Z` robust standard deviations, and a series whose calm rates have
-a median above ``plateau`` (a loss that keeps falling, as Adam's does late in training, in uneven steps whose
-pauses are no plateaus) is not judged at all. Either series may report the onset; the other then waits for the transition's end.
+more than ``drop`` over at least ``lag`` steps, and as fast from the lowest point since the plateau, below the
+level of a plateau whose band is at most ``plateau`` and ``CONTRAST`` times smaller than the fall. Its noise is
+that of the weights, not of minibatches, and shows in the series' own calm rates: the fall must also exceed their
+median plus :data:`FIXED_NOISE_Z` robust standard deviations, and a series whose calm rates have a median above
+``plateau`` (a loss that keeps falling, as Adam's does late in training, in uneven steps whose pauses are no
+plateaus) is not judged at all. Either series may report the onset; the other then waits for the transition's end.
 Once the fixed-data loss has left its plateau by a quarter of ``drop``, :attr:`LossDropDetector.leaving_plateau`
 asks for estimates sooner, so the next one confirms the fall.
 
@@ -221,22 +224,22 @@ class _Scale:
         """The smoothed log-loss at ``step`` (its last value at or before it; the oldest kept, if none is)."""
         return (_latest(self.smoothed, step) or self.smoothed[0])[1]
 
-    def calmest_band(self, step: int, not_before: int) -> tuple[float, float] | None:
+    def calmest_band(self, step: int, not_before: int) -> tuple[float, float, int] | None:
         """The narrowest band the smoothed log-loss stayed in over ``plateau_steps``, among stretches ending between
         ``LOOKBACK`` lags and zero before the fall's window (which starts ``lag`` before ``step``) and starting no
-        earlier than ``not_before`` (the end of the last transition), with that stretch's median level; None until
-        the series reaches back far enough.
+        earlier than ``not_before`` (the end of the last transition), with that stretch's median level and the step
+        it ends at; None until the series reaches back far enough.
         """
         points = list(self.smoothed)
         if not points or points[0][0] > step - self.lag - self.plateau_steps:
             return None
-        bands: list[tuple[float, float]] = []
+        bands: list[tuple[float, float, int]] = []
         for end in range(step - self.lag, step - (LOOKBACK + 1) * self.lag - 1, -self.stride):
             if end - self.plateau_steps < not_before:
                 break
             inside = [value for at, value in points if end - self.plateau_steps <= at <= end]
             if len(inside) >= 2 and points[0][0] <= end - self.plateau_steps + self.stride:
-                bands.append((max(inside) - min(inside), median(inside)))
+                bands.append((max(inside) - min(inside), median(inside), end))
         return min(bands) if bands else None
 
     def onset(
@@ -245,7 +248,8 @@ class _Scale:
         """If ``rate`` at ``step`` is a fall after a plateau (see the module docstring), the plateau's level, else
         None: ``threshold`` is what noise alone lets ``R`` reach, ``band_noise`` the band it lets a plateau span; the
         plateau must start no earlier than ``not_before``. The fall must also take the loss that far below the
-        plateau's level, not merely back down from a spike above it.
+        plateau's level, and be as fast from the lowest smoothed value since the plateau ended: not merely back down
+        from a spike.
         """
         fast = max(self.drop, threshold)
         if signed(rate) <= fast:
@@ -253,12 +257,18 @@ class _Scale:
         calmest = self.calmest_band(step, not_before)
         if calmest is None:
             return None
-        band, plateau_level = calmest
-        below = plateau_level - self.smoothed[-1][1]
+        band, plateau_level, plateau_end = calmest
+        now = self.smoothed[-1][1]
+        below = plateau_level - now
+        since = [point for point in self.smoothed if plateau_end <= point[0] <= step - self.lag]
+        since.append(_latest(self.smoothed, step - self.lag) or self.smoothed[0])
+        at, extreme = (min if rate > 0 else max)(since, key=lambda point: point[1])
+        from_extreme = (extreme - now) * self.lag / max(self.lag, step - at)
         if (
             band <= max(self.plateau, band_noise)
             and signed(rate) > max(fast, CONTRAST * band)
             and signed(below) > fast
+            and signed(from_extreme) > fast
             and below * rate > 0
         ):
             return plateau_level
@@ -337,10 +347,10 @@ class _FixedData:
             return None
         return (earlier[1] - value) * self.lag / max(step - earlier[0], self.lag)
 
-    def calmest_plateau(self, not_before: int) -> tuple[float, float, float] | None:
-        """The narrowest band (with its median level and lowest value) that the points stayed in over at least
-        ``plateau_steps``, among stretches ending at least ``lag`` before the newest point and at most ``LOOKBACK``
-        lags before that, and starting no earlier than ``not_before``; None if there is none.
+    def calmest_plateau(self, not_before: int) -> tuple[float, float, float, int] | None:
+        """The narrowest band (with its median level, lowest value and last step) that the points stayed in over at
+        least ``plateau_steps``, among stretches ending at least ``lag`` before the newest point and at most
+        ``LOOKBACK`` lags before that, and starting no earlier than ``not_before``; None if there is none.
         """
         step = self.points[-1][0]
         points = list(self.points)
@@ -352,7 +362,7 @@ class _FixedData:
             if first is None or points[first][0] < not_before:
                 continue
             inside = [value for _, value in points[first : index + 1]]
-            plateaus.append((max(inside) - min(inside), median(inside), min(inside)))
+            plateaus.append((max(inside) - min(inside), median(inside), min(inside), end))
         return min(plateaus) if plateaus else None
 
     def onset(self, not_before: int) -> tuple[float, float] | None:
@@ -362,9 +372,12 @@ class _FixedData:
         rate, plateau = self.rate(), self.calmest_plateau(not_before)
         if rate is None or plateau is None:
             return None
-        band, level, _ = plateau
-        below = level - self.points[-1][1]
-        if band <= self.plateau and rate > max(self.drop, CONTRAST * band, self.noise_floor()) and below > self.drop:
+        band, level, _, end = plateau
+        step, now = self.points[-1]
+        at, lowest = min((point for point in self.points if end <= point[0] <= step - self.lag), key=lambda p: p[1])
+        from_lowest = (lowest - now) * self.lag / max(self.lag, step - at)
+        fast = max(self.drop, CONTRAST * band, self.noise_floor())
+        if band <= self.plateau and min(rate, from_lowest) > fast and level - now > self.drop:
             return band, level
         return None
 

@@ -5,6 +5,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lightning_devinterp.detection.loss_drops import FIXED_DATA_METRIC, LossDropDetector
 from tests.helpers.series import loss_curve, slow_fall
@@ -58,6 +60,58 @@ def test_a_spike_that_returns_to_the_plateau_is_not_a_drop():
     for _ in range(20):
         log_loss = np.where((t >= 1000) & (t < 1060), math.log(3.0), 0.0) + rng.normal(0, 0.3, t.size)
         assert not [e for e in run_loss(t.tolist(), np.exp(log_loss).tolist()) if e.is_onset]
+
+
+def decay_with_a_spike(step, rate, spike, start, length, plateau_end=800):
+    """A plateau at 1 until ``plateau_end``, then a decay of ``rate`` (log units) per 100 steps, no faster than a
+    plateau may fall, with the loss raised by ``spike`` (log units) over ``length`` steps from ``start`` (shorter
+    than a plateau)."""
+    trend = -rate * max(0, step - plateau_end) / 100
+    return math.exp(trend + (spike if start <= step < start + length else 0.0))
+
+
+@given(
+    rate=st.floats(0.0, 0.05),
+    spike=st.floats(0.2, 0.7),
+    length=st.integers(30, 90),
+    delay=st.integers(50, 250),
+)
+@settings(max_examples=40, deadline=None)
+def test_a_spike_in_a_slow_decay_after_a_plateau_is_not_a_drop(rate, spike, length, delay):
+    """The loss comes back down from the spike fast, and ends below the plateau, but from its lowest value since
+    the plateau it falls no faster than before (Adam late in training decays so, spikes and all)."""
+    steps = list(range(1800))
+    losses = [decay_with_a_spike(step, rate, spike, 800 + delay, length) for step in steps]
+    assert run_loss(steps, losses) == []
+
+
+@given(
+    rate=st.floats(0.0, 0.05),
+    spike=st.floats(0.2, 0.7),
+    readings=st.integers(1, 3),
+    delay=st.integers(3, 12),
+)
+@settings(max_examples=40, deadline=None)
+def test_a_spike_in_a_slow_decay_after_a_plateau_is_not_a_drop_of_the_fixed_data_loss(rate, spike, readings, delay):
+    detector = LossDropDetector()
+    start = 800 + 25 * delay
+    events = [
+        detector.update_fixed_data(step, decay_with_a_spike(step, rate, spike, start, 25 * readings))
+        for step in range(25, 1800, 25)
+    ]
+    assert [event for event in events if event is not None] == []
+
+
+def test_a_fall_that_speeds_up_after_a_slow_decay_since_the_plateau_is_reported():
+    """The counterpart: a decay as slow as above, then a fall at three times the threshold, on both series."""
+    steps = list(range(1800))
+    losses = [math.exp(-0.06 * max(0, s - 800) / 100 - 0.24 * max(0, s - 1000) / 100) for s in steps]
+    onsets = [event.step for event in run_loss(steps, losses) if event.is_onset]
+    assert len(onsets) == 1 and 1000 < onsets[0] <= 1100
+    detector = LossDropDetector()
+    fixed = [detector.update_fixed_data(step, losses[step]) for step in range(25, 1800, 25)]
+    (onset,) = [event.step for event in fixed if event is not None and event.is_onset]
+    assert 1000 < onset <= 1100
 
 
 @pytest.mark.parametrize("decay", [300.0, 3000.0])

@@ -152,7 +152,7 @@ def test_an_end_report_says_where_to_look():
     for step, loss in zip(steps, losses):
         tracker.observe_loss(step, loss)
         if step % 50 == 0 and step > 0:
-            tracker.detect(tracker.record(step, before if step < 650 else after, 0.1), fixed_data=False)
+            tracker.detect(tracker.record(step, before if step < 700 else after, 0.1), fixed_data=False)
     onset, end = tracker.transitions
     assert onset.where_to_look == ""
     assert end.where_to_look.startswith("λ̂ of attn +3, mlp +0.5")

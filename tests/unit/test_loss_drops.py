@@ -70,35 +70,18 @@ def decay_with_a_spike(step, rate, spike, start, length, plateau_end=800):
     return math.exp(trend + (spike if start <= step < start + length else 0.0))
 
 
-@given(
-    rate=st.floats(0.0, 0.05),
-    spike=st.floats(0.2, 0.7),
-    length=st.integers(30, 90),
-    delay=st.integers(50, 250),
-)
-@settings(max_examples=40, deadline=None)
-def test_a_spike_in_a_slow_decay_after_a_plateau_is_not_a_drop(rate, spike, length, delay):
+@given(rate=st.floats(0.0, 0.05), spike=st.floats(0.2, 0.7), readings=st.integers(1, 3), delay=st.integers(2, 10))
+@settings(max_examples=60, deadline=None)
+def test_a_spike_in_a_slow_decay_after_a_plateau_is_not_a_drop(rate, spike, readings, delay):
     """The loss comes back down from the spike fast, and ends below the plateau, but from its lowest value since
-    the plateau it falls no faster than before (Adam late in training decays so, spikes and all)."""
+    the plateau it falls no faster than before (Adam late in training decays so, spikes and all): neither the
+    every-step loss nor the fixed-data loss read every 25 steps (the spike over 1-3 readings) reports it."""
+    start, length = 800 + 25 * delay, 25 * readings
     steps = list(range(1800))
-    losses = [decay_with_a_spike(step, rate, spike, 800 + delay, length) for step in steps]
+    losses = [decay_with_a_spike(step, rate, spike, start, length) for step in steps]
     assert run_loss(steps, losses) == []
-
-
-@given(
-    rate=st.floats(0.0, 0.05),
-    spike=st.floats(0.2, 0.7),
-    readings=st.integers(1, 3),
-    delay=st.integers(3, 12),
-)
-@settings(max_examples=40, deadline=None)
-def test_a_spike_in_a_slow_decay_after_a_plateau_is_not_a_drop_of_the_fixed_data_loss(rate, spike, readings, delay):
     detector = LossDropDetector()
-    start = 800 + 25 * delay
-    events = [
-        detector.update_fixed_data(step, decay_with_a_spike(step, rate, spike, start, 25 * readings))
-        for step in range(25, 1800, 25)
-    ]
+    events = [detector.update_fixed_data(step, losses[step]) for step in range(25, 1800, 25)]
     assert [event for event in events if event is not None] == []
 
 

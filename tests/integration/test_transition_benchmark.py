@@ -45,7 +45,9 @@ def test_a_recorded_run_is_scored_against_its_loss_curve(family, seed, tmp_path)
 def test_a_superposition_staircase_under_sparse_estimates_gets_each_stage_its_own_onset_and_end():
     """Estimates 200 steps apart, no densification, and a minibatch loss too noisy to show either fall: L(w*), read
     every few dozen steps in between, dates both stages of this staircase (450-800 and 910-1130 by its features'
-    losses); from the estimates alone the monitor reported one onset at 600 and one end at 1400."""
+    losses); from the estimates alone the monitor reported one onset at 600 and one end at 1400. The readings' spacing
+    follows their cost against the training step's, so it depends on the machine: replayed 25 to 120 steps apart,
+    the second stage ends at 1225-1400, and within the whole suite one run read so sparsely that it ended at 1410."""
     spec = BUILDERS["tms-stairs"](1)
     monitor = LLCMonitor(every_n_steps=200, seed=spec.seed, num_burnin_steps=10, num_draws=20)  # λ̂ plays no part
     recorder = train_recorded(spec, monitor)
@@ -53,9 +55,10 @@ def test_a_superposition_staircase_under_sparse_estimates_gets_each_stage_its_ow
     onsets = [report.step for report in monitor.transitions if report.is_onset]
     ends = [report.step for report in monitor.transitions if not report.is_onset]
     assert len(truth) == len(onsets) == len(ends) == 2
+    assert ends[0] < onsets[1]
     for stage, onset, end in zip(truth, onsets, ends):
         assert stage.start - RECALL_BEFORE <= onset <= stage.end + RECALL_AFTER
-        assert onset < end <= stage.end + 200
+        assert onset < end <= stage.end + 300
 
 
 def sigmoid(step: int, at: int) -> float:

@@ -46,8 +46,8 @@ def test_a_superposition_staircase_under_sparse_estimates_gets_each_stage_its_ow
     """Estimates 200 steps apart, no densification, and a minibatch loss too noisy to show either fall: L(w*), read
     every few dozen steps in between, dates both stages of this staircase (450-800 and 910-1130 by its features'
     losses); from the estimates alone the monitor reported one onset at 600 and one end at 1400. The readings' spacing
-    follows their cost against the training step's, so it depends on the machine: replayed 25 to 120 steps apart,
-    the second stage ends at 1225-1400, and within the whole suite one run read so sparsely that it ended at 1410."""
+    follows their cost against the training step's, so it depends on the machine: replayed 25 to 125 steps apart,
+    the stages stay two and the second ends by 1400, 270 steps after it."""
     spec = BUILDERS["tms-stairs"](1)
     monitor = LLCMonitor(every_n_steps=200, seed=spec.seed, num_burnin_steps=10, num_draws=20)  # λ̂ plays no part
     recorder = train_recorded(spec, monitor)

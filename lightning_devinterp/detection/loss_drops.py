@@ -158,6 +158,13 @@ def _latest(points: deque[tuple[int, float]], step: int) -> tuple[int, float] | 
     return next((point for point in reversed(points) if point[0] <= step), None)
 
 
+def _fall_per_lag(earlier: tuple[int, float], later: tuple[int, float], lag: int) -> float:
+    """The fall from ``earlier`` to ``later`` (``(step, log value)`` points) per ``lag`` steps: over a longer gap,
+    scaled down to ``lag`` steps.
+    """
+    return (earlier[1] - later[1]) * lag / max(later[0] - earlier[0], lag)
+
+
 class _Scale:
     """The rule at one time scale: its smoothed series, its rates, and whether a fall it reported is under way."""
 
@@ -258,12 +265,11 @@ class _Scale:
         if calmest is None:
             return None
         band, plateau_level, plateau_end = calmest
-        now = self.smoothed[-1][1]
-        below = plateau_level - now
+        below = plateau_level - self.smoothed[-1][1]
         since = [point for point in self.smoothed if plateau_end <= point[0] <= step - self.lag]
         since.append(_latest(self.smoothed, step - self.lag) or self.smoothed[0])
-        at, extreme = (min if rate > 0 else max)(since, key=lambda point: point[1])
-        from_extreme = (extreme - now) * self.lag / max(self.lag, step - at)
+        extreme = (min if rate > 0 else max)(since, key=lambda point: point[1])
+        from_extreme = _fall_per_lag(extreme, self.smoothed[-1], self.lag)
         if (
             band <= max(self.plateau, band_noise)
             and signed(rate) > max(fast, CONTRAST * band)
@@ -341,11 +347,8 @@ class _FixedData:
         """The fall per ``lag`` steps from the latest point at least ``lag`` steps back to the newest one (over a
         longer gap, scaled down to ``lag`` steps); None without such a point.
         """
-        step, value = self.points[-1]
-        earlier = _latest(self.points, step - self.lag)
-        if earlier is None:
-            return None
-        return (earlier[1] - value) * self.lag / max(step - earlier[0], self.lag)
+        earlier = _latest(self.points, self.points[-1][0] - self.lag)
+        return None if earlier is None else _fall_per_lag(earlier, self.points[-1], self.lag)
 
     def calmest_plateau(self, not_before: int) -> tuple[float, float, float, int] | None:
         """The narrowest band (with its median level, lowest value and last step) that the points stayed in over at
@@ -374,8 +377,8 @@ class _FixedData:
             return None
         band, level, _, end = plateau
         step, now = self.points[-1]
-        at, lowest = min((point for point in self.points if end <= point[0] <= step - self.lag), key=lambda p: p[1])
-        from_lowest = (lowest - now) * self.lag / max(self.lag, step - at)
+        lowest = min((point for point in self.points if end <= point[0] <= step - self.lag), key=lambda p: p[1])
+        from_lowest = _fall_per_lag(lowest, self.points[-1], self.lag)
         fast = max(self.drop, CONTRAST * band, self.noise_floor())
         if band <= self.plateau and min(rate, from_lowest) > fast and level - now > self.drop:
             return band, level
